@@ -1,0 +1,1 @@
+"""backbones package (entries are discovered by harness.registry)."""

@@ -1,0 +1,160 @@
+"""DINOv2 (and DINOv2 with registers) through timm: the ``timm`` backbone family.
+
+Why timm: DVT loads every backbone it probes as a timm model built with ``dynamic_img_size=True``
+(phreg-dvt.md §2.4, §2.5), and DVT's released denoisers are keyed by timm names, so the same
+weights and the same positional-embedding interpolation (timm ``resample_abs_pos_embed``) are used
+here. Token order in timm is ``[CLS, reg1..regR, patches]`` (phreg-dvt.md §5.2: ``num_prefix_tokens=5``
+for the reg4 models), which is the order :meth:`Backbone.split_tokens` expects.
+
+The dense interface returns the *final-norm* tokens (timm ``norm``), as DVT and DINOv2 probe them
+(``forward_intermediates(norm=True)`` / ``get_intermediate_layers(norm=True)``, probes.md §1.1).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..errors import WeightsError
+from ..registry import BACKBONE_FAMILIES, BACKBONES
+from .base import Backbone, BackboneSpec, LastBlockParts
+from .weights import sha256_file
+
+# timm.data.constants.IMAGENET_DEFAULT_MEAN / _STD: the mean/std of timm's DINOv2 pretrained cfgs
+# (``vit_*_patch14_dinov2.lvd142m``) and of the DVT/DINOv2 mmseg configs ([123.675, 116.28, 103.53] /
+# [58.395, 57.12, 57.375] on the 0-255 scale, phreg-dvt.md §5.3).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: extra ``timm.create_model`` keyword arguments per backbone id (test models shrink an architecture)
+TIMM_MODEL_KWARGS: Dict[str, Dict[str, Any]] = {}
+
+
+def timm_spec(id: str, arch: str, tag: str, patch: int, native: int, registers: int, description: str,
+              paper: str = "") -> BackboneSpec:
+    """A :class:`BackboneSpec` for a timm ViT whose weights live in timm's HF repo ``timm/<arch>.<tag>``."""
+    return BackboneSpec(id=id, family="timm", arch=arch, weights_tag=tag, patch_size=patch, mean=IMAGENET_MEAN,
+                        std=IMAGENET_STD, native_size=native, num_registers=registers,
+                        hf_hub=f"timm/{arch}.{tag}" if tag else "", description=description, paper=paper)
+
+
+# timm names: phreg-dvt.md §2.5 (DVT MODEL_LIST); 518 px native input = timm pretrained cfg input_size.
+_DINOV2_PAPER = "Oquab et al., DINOv2 (2023)"
+_REG_PAPER = "Darcet et al., Vision Transformers Need Registers (ICLR 2024)"
+for _spec in (
+    timm_spec("dinov2-s14", "vit_small_patch14_dinov2", "lvd142m", 14, 518, 0, "DINOv2 ViT-S/14 (LVD-142M)",
+              _DINOV2_PAPER),
+    timm_spec("dinov2-b14", "vit_base_patch14_dinov2", "lvd142m", 14, 518, 0, "DINOv2 ViT-B/14 (LVD-142M)",
+              _DINOV2_PAPER),
+    timm_spec("dinov2-l14", "vit_large_patch14_dinov2", "lvd142m", 14, 518, 0, "DINOv2 ViT-L/14 (LVD-142M)",
+              _DINOV2_PAPER),
+    timm_spec("dinov2-reg4-s14", "vit_small_patch14_reg4_dinov2", "lvd142m", 14, 518, 4,
+              "DINOv2 ViT-S/14 with 4 registers (LVD-142M)", _REG_PAPER),
+    timm_spec("dinov2-reg4-b14", "vit_base_patch14_reg4_dinov2", "lvd142m", 14, 518, 4,
+              "DINOv2 ViT-B/14 with 4 registers (LVD-142M)", _REG_PAPER),
+    timm_spec("dinov2-reg4-l14", "vit_large_patch14_reg4_dinov2", "lvd142m", 14, 518, 4,
+              "DINOv2 ViT-L/14 with 4 registers (LVD-142M)", _REG_PAPER),
+):
+    BACKBONES.add(_spec.id, _spec)
+
+
+def _create_timm_vit(spec: BackboneSpec) -> nn.Module:
+    import timm
+
+    kwargs: Dict[str, Any] = dict(pretrained=False, num_classes=0, dynamic_img_size=True, img_size=spec.native_size)
+    kwargs.update(TIMM_MODEL_KWARGS.get(spec.id, {}))
+    model = timm.create_model(spec.arch, **kwargs)
+    n_reg = int(getattr(model, "num_reg_tokens", 0) or 0)
+    if n_reg != spec.num_registers or getattr(model, "cls_token", None) is None:
+        raise WeightsError(f"backbone {spec.id!r}: timm model {spec.arch} has {n_reg} registers and "
+                           f"cls_token={getattr(model, 'cls_token', None) is not None}; the spec says "
+                           f"{spec.num_registers} registers and a CLS token. Fix the spec in {__name__}.")
+    return model
+
+
+def _load_timm_weights(model: nn.Module, spec: BackboneSpec, path: str) -> None:
+    """Load a timm-format or original DINOv2 checkpoint (timm's ``checkpoint_filter_fn`` converts the latter)."""
+    from timm.models import load_state_dict
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    try:
+        state = load_state_dict(path, use_ema=False)
+        state = checkpoint_filter_fn(state, model)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except Exception as e:  # unreadable file, wrong shapes (another architecture), ...
+        raise WeightsError(f"--weights {path}: could not load into {spec.arch} for backbone {spec.id!r}: {e}. "
+                           f"Pass the timm or original DINOv2 checkpoint of this architecture.") from e
+    # the classifier head is absent by design (num_classes=0); anything else missing is a wrong file
+    missing = [k for k in missing if not k.startswith("head.")]
+    unexpected = [k for k in unexpected if not k.startswith(("head.", "mask_token"))]
+    if missing or unexpected:
+        raise WeightsError(f"--weights {path} does not match {spec.arch} (backbone {spec.id!r}): "
+                           f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+                           f"(e.g. {unexpected[:3]}). Is it the checkpoint of another model size?")
+
+
+@BACKBONE_FAMILIES.register("timm")
+class TimmViTBackbone(Backbone):
+    """Adapter over timm's ``VisionTransformer`` (DINOv2, DINOv2-reg and any timm ViT with a CLS token)."""
+
+    def __init__(self, spec: BackboneSpec, model: nn.Module, weights_id: str) -> None:
+        super().__init__()
+        self.spec = spec
+        self.model = model
+        self.weights_id = weights_id
+        if int(model.patch_embed.patch_size[0]) != spec.patch_size:
+            raise WeightsError(f"backbone {spec.id!r}: timm model patch size {model.patch_embed.patch_size} "
+                               f"differs from the spec's {spec.patch_size}")
+
+    @classmethod
+    def build(cls, spec: BackboneSpec, weights_path: Optional[str]) -> "TimmViTBackbone":
+        """Build ``spec``'s architecture; load ``weights_path`` (None = random init, ``weights_id`` "random-init")."""
+        model = _create_timm_vit(spec)
+        if weights_path is None:
+            return cls(spec, model.eval(), "random-init")
+        _load_timm_weights(model, spec, weights_path)
+        return cls(spec, model.eval(), sha256_file(weights_path))
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.model.num_prefix_tokens)
+
+    def tokens_before_last_block(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """Patch embed, interpolated position embedding (timm ``dynamic_img_size``), prefix tokens, blocks[:-1]."""
+        p = self.spec.patch_size
+        if x.shape[-2] % p or x.shape[-1] % p:
+            raise ValueError(f"input {tuple(x.shape[-2:])} is not a multiple of the patch size {p}; "
+                             f"pad it first (Backbone.pad_to_patch_multiple or harness.probes.features.center_pad)")
+        m = self.model
+        x = m.patch_embed(x)  # (B, h, w, D) with dynamic_img_size
+        grid = (int(x.shape[1]), int(x.shape[2]))
+        x = m._pos_embed(x)
+        x = m.patch_drop(x)
+        x = m.norm_pre(x)
+        for blk in m.blocks[:-1]:
+            x = blk(x)
+        return x, grid
+
+    def last_block(self) -> nn.Module:
+        return self.model.blocks[-1]
+
+    def last_block_parts(self) -> LastBlockParts:
+        blk = self.model.blocks[-1]
+        attn = blk.attn
+        heads, head_dim = int(attn.num_heads), int(attn.head_dim)
+        if getattr(attn, "gate", None) is not None:
+            raise WeightsError(f"backbone {self.spec.id!r}: gated attention cannot be decomposed into LastBlockParts")
+
+        def qkv(y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            b, n, _ = y.shape
+            q, k, v = attn.qkv(y).reshape(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            return attn.q_norm(q), attn.k_norm(k), v
+
+        out_proj: nn.Module = attn.proj if isinstance(attn.norm, nn.Identity) else nn.Sequential(attn.norm, attn.proj)
+        return LastBlockParts(norm1=blk.norm1, qkv=qkv, out_proj=out_proj, norm2=blk.norm2, mlp=blk.mlp,
+                              num_heads=heads, ls1=blk.ls1, ls2=blk.ls2)
+
+    def finalize(self, tokens: torch.Tensor) -> torch.Tensor:
+        """timm's final ``norm`` on all tokens (DINOv2's final LayerNorm)."""
+        return self.model.norm(tokens)

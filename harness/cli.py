@@ -1,0 +1,244 @@
+"""The ``harness`` command line: run, list, data, report, demo.
+
+Errors the user can fix (missing data, weights, unknown names, bad options) print one message and exit
+with status 2; a traceback appears only with ``--debug``. Heavy imports (torch, mmseg, open_clip) happen
+inside the commands, so ``harness --help`` is instant.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Dict, List, Optional, Sequence
+
+TASKS = ("ovss", "linear-seg", "depth")
+KINDS = ("backbones", "methods", "datasets", "evaluators", "protocols")
+
+
+def _parse_params(items: Sequence[str]) -> Dict[str, Any]:
+    """``--param sigma=3 --param foo=bar`` -> {"sigma": 3.0, "foo": "bar"} (YAML scalars)."""
+    import yaml
+
+    from .errors import ConfigError
+
+    out: Dict[str, Any] = {}
+    for it in items:
+        if "=" not in it:
+            raise ConfigError(f"--param {it!r}: expected NAME=VALUE")
+        k, v = it.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def _split(value: str) -> List[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="harness", description="Benchmark dense features of (cleaned) ViTs.")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"harness {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="evaluate backbone x method on a dataset under a protocol",
+                       description="Evaluate; comma-separated --method/--dataset values run each combination "
+                                   "(one --data-root per dataset, comma-separated in the same order).")
+    r.add_argument("task", choices=TASKS)
+    r.add_argument("--backbone", required=True, help="backbone id (harness list backbones)")
+    r.add_argument("--method", default="clip", help="method name(s), comma-separated (harness list methods)")
+    r.add_argument("--dataset", required=True, help="dataset name(s), comma-separated (harness list datasets)")
+    r.add_argument("--data-root", required=True, help="dataset root(s), comma-separated like --dataset")
+    r.add_argument("--protocol", default=None, help="protocol id or YAML path (default: the task's default)")
+    r.add_argument("--split", default=None, help="split to evaluate (default: val, test for nyu)")
+    r.add_argument("--weights", default=None, metavar="FILE", help="weights file instead of the local caches")
+    r.add_argument("--random-init", action="store_true", help="same architecture, random weights (tests, demo)")
+    r.add_argument("--download", action="store_true", help="allow fetching missing weights (needs network)")
+    r.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="method parameter")
+    r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    r.add_argument("--batch-size", type=int, default=0, help="windows per backbone batch (0 = auto)")
+    r.add_argument("--workers", type=int, default=2, help="data-loading worker processes")
+    r.add_argument("--limit", type=int, default=None, help="first N images only (smoke runs; recorded)")
+    r.add_argument("--results-dir", default="results")
+    r.add_argument("--cache-dir", default=None, help="text/feature cache (default $HARNESS_CACHE or ~/.cache/harness)")
+    r.add_argument("--force", action="store_true", help="re-run even if a finished record exists")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--save-predictions", default=None, metavar="DIR",
+                   help="ovss: also write each prediction as a PNG of class indices into DIR")
+
+    ls = sub.add_parser("list", help="list registered names")
+    ls.add_argument("kind", choices=KINDS)
+
+    d = sub.add_parser("data", help="verify or prepare datasets")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    v = dsub.add_parser("verify", help="check a dataset's layout and image count")
+    v.add_argument("name")
+    v.add_argument("--root", required=True)
+    v.add_argument("--split", default=None)
+    pr = dsub.add_parser("prepare", help="build derived label maps (coco_object, coco_stuff, context, nyu)")
+    pr.add_argument("name", choices=("coco_object", "coco_stuff", "context", "nyu"))
+    pr.add_argument("--root", required=True, help="dataset root (coco_stuff164k, VOCdevkit/VOC2010, or output for nyu)")
+    pr.add_argument("--json", default=None, help="context: trainval_merged.json; coco_object: instances_val2017.json "
+                                                 "for the pycocotools fallback")
+    pr.add_argument("--mat", default=None, help="nyu: nyu_depth_v2_labeled.mat")
+    pr.add_argument("--splits", default=None, help="nyu: splits.mat (official 795/654 split)")
+
+    rep = sub.add_parser("report", help="write results/leaderboard.csv and results/LEADERBOARD.md")
+    rep.add_argument("--results-dir", default="results")
+
+    demo = sub.add_parser("demo", help="tiny end-to-end run on generated VOC-layout data, random weights")
+    demo.add_argument("--out", default="demo_output", help="folder for the demo data and results")
+    demo.add_argument("--images", type=int, default=4)
+    demo.add_argument("--device", default="auto")
+    return p
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from .errors import ConfigError
+    from .evaluators.base import RunConfig
+    from .registry import EVALUATORS
+
+    methods, datasets, roots = _split(a.method), _split(a.dataset), _split(a.data_root)
+    if len(roots) != len(datasets):
+        raise ConfigError(f"--data-root has {len(roots)} entries for {len(datasets)} datasets; give one per dataset")
+    params = _parse_params(a.param)
+    evaluator = EVALUATORS.get(a.task)()
+    split = a.split or ("test" if a.task == "depth" else "val")
+    for ds, root in zip(datasets, roots):
+        for m in methods:
+            cfg = RunConfig(task=a.task, backbone=a.backbone, method=m, dataset=ds, data_root=os.path.expanduser(root),
+                            method_params=params, split=split, protocol=a.protocol, weights=a.weights,
+                            random_init=a.random_init, allow_download=a.download, device=a.device,
+                            batch_size=a.batch_size, num_workers=a.workers, limit=a.limit,
+                            results_dir=a.results_dir, cache_dir=a.cache_dir, force=a.force, seed=a.seed,
+                            progress=not a.no_progress, save_predictions=a.save_predictions)
+            rec = evaluator.run(cfg)
+            print(format_record(rec))
+    return 0
+
+
+def format_record(rec: Any) -> str:
+    """A short human summary of a RunRecord, with the per-class table for segmentation."""
+    lines = [f"== {rec.task} | {rec.protocol} v{rec.protocol_version} | {rec.backbone} ({rec.weights[:12]}) | "
+             f"{rec.method} | {rec.dataset} ({rec.num_images} images, {rec.wall_time_s:.1f} s)"]
+    if rec.weights == "random-init":
+        lines.append("   NOTE: random-init weights -- these numbers say nothing about the method.")
+    if rec.per_class:
+        width = max(len(c) for c in rec.per_class)
+        lines.append(f"   {'class':<{width}}  {'IoU':>6}  {'Acc':>6}")
+        for c, v in rec.per_class.items():
+            lines.append(f"   {c:<{width}}  {_fmt(v.get('IoU')):>6}  {_fmt(v.get('Acc')):>6}")
+    lines.append("   " + "  ".join(f"{k} {_fmt(v)}" for k, v in rec.metrics.items()))
+    return "\n".join(lines)
+
+
+def _fmt(v: Optional[float]) -> str:
+    if v is None or v != v:
+        return "nan"
+    return f"{v:.2f}" if abs(v) >= 1 else f"{v:.4f}"
+
+
+def cmd_list(a: argparse.Namespace) -> int:
+    from .registry import BACKBONES, DATASETS, EVALUATORS, METHODS, describe
+
+    if a.kind == "protocols":
+        from .protocols import list_protocols
+
+        for pr in list_protocols():
+            star = " (default)" if pr.default_for_task else ""
+            print(f"{pr.key:<22} v{pr.version}{star}  {pr.description.splitlines()[0][:90]}")
+        return 0
+    reg = {"backbones": BACKBONES, "methods": METHODS, "datasets": DATASETS, "evaluators": EVALUATORS}[a.kind]
+    for name, obj in reg.items():
+        if a.kind == "backbones":
+            text = f"{obj.arch} / {obj.weights_tag}: {obj.description}"
+        else:
+            text = describe(obj)
+        aliases = reg.aliases_of(name)
+        print(f"{name:<22} {text}" + (f"  (aliases: {', '.join(aliases)})" if aliases else ""))
+    return 0
+
+
+def cmd_data(a: argparse.Namespace) -> int:
+    from .errors import DataError
+    from .registry import DATASETS
+
+    if a.data_command == "verify":
+        spec = DATASETS.get(a.name)
+        split = a.split or ("test" if "test" in spec.splits and "val" not in spec.splits else "val")
+        problems = spec.verify(os.path.expanduser(a.root), split)
+        if problems:
+            print(f"{a.name} ({split}) at {a.root}: NOT OK")
+            for pr in problems:
+                print(f"  - {pr}")
+            return 1
+        print(f"{a.name} ({split}) at {a.root}: OK, {spec.split(split).count} images")
+        return 0
+    from .datasets import prepare
+
+    root = os.path.expanduser(a.root)
+    if a.name == "coco_object":
+        summary = (prepare.prepare_coco_object_from_instances(root, a.json) if a.json
+                   else prepare.prepare_coco_object(root))
+    elif a.name == "coco_stuff":
+        summary = prepare.prepare_coco_stuff(root)
+    elif a.name == "context":
+        if not a.json:
+            raise DataError("harness data prepare context needs --json trainval_merged.json "
+                            "(PASCAL-Context annotations, see README 'Datasets')")
+        summary = prepare.prepare_context(root, a.json)
+    else:
+        from .datasets.nyu import prepare_nyu
+
+        if not a.mat:
+            raise DataError("harness data prepare nyu needs --mat nyu_depth_v2_labeled.mat (see README 'Datasets')")
+        summary = prepare_nyu(a.mat, root, a.splits)
+    for k, v in summary.items():
+        print(f"{k}: {v}")
+    return 0
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from .results.report import write_report
+
+    out = write_report(a.results_dir)
+    for p in (out if isinstance(out, (list, tuple)) else [out]):
+        print(f"wrote {p}")
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(a.out, a.images, a.device)
+
+
+COMMANDS = {"run": cmd_run, "list": cmd_list, "data": cmd_data, "report": cmd_report, "demo": cmd_demo}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1") if not getattr(args, "download", False) else None
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted: finished records are kept; re-run the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as e:  # user-facing errors: one message, no traceback unless --debug
+        from .errors import HarnessError
+        from .registry import RegistryError
+
+        if args.debug:
+            raise
+        if isinstance(e, (HarnessError, RegistryError)):
+            print(f"harness: error: {e}", file=sys.stderr)
+            return 2
+        print(f"harness: unexpected {type(e).__name__}: {e}\n(run again with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Compatibility shims for third-party packages (see mmcv_ops)."""

@@ -1,0 +1,1 @@
+"""datasets package (entries are discovered by harness.registry)."""

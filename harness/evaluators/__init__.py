@@ -1,0 +1,1 @@
+"""evaluators package (entries are discovered by harness.registry)."""

@@ -1,0 +1,296 @@
+"""Linear-probe semantic segmentation (task ``linear-seg``): BN + 1x1 conv on frozen last-layer patch features.
+
+Protocols (``harness/protocols/linear-seg/*.yaml``):
+
+* ``faithful`` -- the DINOv2/DVT "lin." recipe (probes.md §1.1, phreg-dvt.md §2.4): mmseg's RandomResize
+  (0.5-2.0), RandomCrop 512 (cat_max_ratio 0.75), RandomFlip, PhotoMetricDistortion every iteration,
+  centre padding to the patch multiple (518 for /14), AdamW 1e-3 / wd 1e-4, poly with 1.5k linear
+  warm-up, 40k iterations at global batch 16, sliding-window test 512/341, mmseg IoUMetric semantics.
+* ``fast`` -- one fixed view per image cached in fp16, a learning-rate grid of heads trained together,
+  the best kept on a held-out part of train, whole-image test; its records say ``fast``.
+
+The probe sees ``DenseFeatures.patch`` from the chosen method, so cleaned and uncleaned features of any
+backbone (DINOv2, CLIP with MaskCLIP's value path, ...) are probed the same way.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from ..errors import ConfigError, DataError
+from ..metrics.segmentation import IoUAccumulator
+from ..probes.cache import FeatureCache, cache_dir_name
+from ..probes.common import ProbeRun, require, start_probe_run
+from ..probes.data import (IGNORE_INDEX, AugmentedSamples, IterationBatches, collate, register_transforms,
+                           seg_fixed_view_pipeline, seg_test_pipeline, seg_train_pipeline)
+from ..probes.extract import FixedViewSamples, fill_cache
+from ..probes.features import dense_features, padded_grid, resize, slide_logits
+from ..probes.heads import HeadBank, LinearSegHead
+from ..probes.schedules import Schedule
+from ..probes.trainer import ProbeTrainer
+from ..registry import DATASETS, EVALUATORS
+from .base import Evaluator, RunConfig
+
+TASK = "linear-seg"
+COMMON_KEYS = ("train_split", "test_scale", "optimizer", "schedule", "max_iters", "batch_size", "eval_interval",
+               "checkpoint_interval", "log_interval")
+FAITHFUL_KEYS = ("train_scale", "ratio_range", "crop_size", "cat_max_ratio", "flip_prob", "slide_crop", "slide_stride")
+FAST_KEYS = ("crop_size", "holdout_fraction", "select_metric")
+
+
+def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy, ignore 255, averaged over *all* label pixels.
+
+    mmseg ``cross_entropy`` with ``avg_non_ignore=False`` (its default, used by the DINOv2/DVT configs)
+    divides the summed loss by ``label.numel()``, ignored pixels included (mmseg losses/cross_entropy_loss.py).
+    Logits are bilinearly resized to the label size first (mmseg ``BaseDecodeHead.loss_by_feat``).
+    """
+    logits = resize(logits, tuple(target.shape[-2:]))
+    loss = F.cross_entropy(logits, target, reduction="none", ignore_index=IGNORE_INDEX)
+    return loss.sum() / target.numel()
+
+
+def lr_name(lr: float) -> str:
+    return f"lr={lr:g}"
+
+
+@EVALUATORS.register(TASK)
+class LinearSegEvaluator(Evaluator):
+    """Linear segmentation probe on frozen dense features (``faithful`` DINOv2/DVT recipe or ``fast`` cached)."""
+
+    def run(self, cfg: RunConfig) -> Any:
+        run = start_probe_run(cfg, TASK, default_eval_split="val")
+        if run.existing is not None:
+            return run.existing
+        require(run.settings, COMMON_KEYS + (FAITHFUL_KEYS if run.mode == "faithful" else FAST_KEYS), run.where)
+        register_transforms()
+        spec = DATASETS.get(run.dataset)
+        if spec.num_classes < 1 or spec.num_classes >= IGNORE_INDEX:
+            raise ConfigError(f"dataset {run.dataset!r} is not a segmentation dataset with < 255 classes")
+        train_split = str(run.settings["train_split"])
+        if train_split not in spec.splits:
+            raise ConfigError(f"protocol {run.where}: dataset {run.dataset!r} has no split {train_split!r}")
+        if run.mode == "faithful":
+            return self._faithful(run, spec, train_split)
+        return self._fast(run, spec, train_split)
+
+    # -- shared ----------------------------------------------------------------------------------
+    def _optim(self, run: ProbeRun) -> Tuple[List[float], float, Tuple[float, float], Any]:
+        o = run.settings["optimizer"]
+        if str(o.get("type", "AdamW")) != "AdamW":
+            raise ConfigError(f"protocol {run.where}: optimizer.type must be AdamW (the DINOv2/DVT probe optimiser)")
+        lrs = o.get("lrs") or [o["lr"]]
+        return ([float(x) for x in lrs], float(o["weight_decay"]), (float(o["betas"][0]), float(o["betas"][1])),
+                o.get("grad_clip"))
+
+    def _val_dataset(self, run: ProbeRun, spec: Any):
+        return spec.build(run.cfg.data_root, run.eval_split, seg_test_pipeline(run.settings["test_scale"]),
+                          limit=run.cfg.limit)
+
+    def _record(self, run: ProbeRun, spec: Any, acc: IoUAccumulator, n_images: int,
+                extra: Dict[str, Any]) -> Any:
+        m = acc.compute()
+        names = spec.class_names
+        per_class = {c: {"IoU": iou, "Acc": a} for c, iou, a in zip(names, m["IoU"], m["Acc"])}
+        run.notes.append("metrics x100; IoU accumulated over the split, mIoU = nanmean over classes (mmseg IoUMetric)")
+        return run.finish({"mIoU": m["mIoU"], "mAcc": m["mAcc"], "aAcc": m["aAcc"]}, n_images, extra, per_class)
+
+    def _trainer(self, run: ProbeRun, heads: HeadBank, names: List[str], lrs: List[float], fp_extra: Dict[str, Any],
+                 desc: str) -> ProbeTrainer:
+        s = run.settings
+        _, wd, betas, clip = self._optim(run)
+        kill = run.cfg.extra.get("kill_after_iters")  # test hook: abandon the run like SIGKILL
+        return ProbeTrainer(heads, names, lrs, wd, betas, clip, Schedule(s["schedule"], int(s["max_iters"])),
+                            int(s["max_iters"]), run.artifact("ckpt.pt"), run.fingerprint(fp_extra),
+                            int(s["checkpoint_interval"]), int(s["log_interval"]), progress=run.cfg.progress,
+                            desc=desc, kill_after=int(kill) if kill is not None else None)
+
+    def _write_curves(self, run: ProbeRun, trainer: ProbeTrainer) -> Dict[str, str]:
+        title = f"{TASK}/{run.protocol.id} {run.model.spec.id} {run.method_name} {run.dataset}"
+        return {"curves_csv": trainer.curves.write_csv(run.artifact("curves.csv")),
+                "curves_png": trainer.curves.plot(run.artifact("curves.png"), title)}
+
+    # -- faithful --------------------------------------------------------------------------------
+    def _faithful(self, run: ProbeRun, spec: Any, train_split: str) -> Any:
+        s, cfg, model, dev = run.settings, run.cfg, run.model, run.device
+        lrs, _, _, _ = self._optim(run)
+        if len(lrs) != 1:
+            raise ConfigError(f"protocol {run.where}: the faithful recipe trains one head (optimizer.lr)")
+        crop = (int(s["crop_size"][0]), int(s["crop_size"][1]))
+        aug = dict(scale=s["train_scale"], ratio_range=s["ratio_range"],
+                   crop_size=crop, cat_max_ratio=s["cat_max_ratio"], flip_prob=s["flip_prob"])
+        train_ds = spec.build(cfg.data_root, train_split, seg_train_pipeline(aug), limit=cfg.limit)
+        val_ds = self._val_dataset(run, spec)
+        feat_dim = int(model.forward_dense(torch.zeros(1, 3, model.spec.patch_size, model.spec.patch_size,
+                                                       device=dev)).patch.shape[1])
+        head = LinearSegHead(feat_dim, spec.num_classes).to(dev)
+        heads = HeadBank([head])
+        names = [lr_name(lrs[0])]
+        trainer = self._trainer(run, heads, names, lrs, {"mode": "faithful"}, f"{TASK} {run.dataset}")
+        samples = AugmentedSamples(train_ds, cfg.seed, model.spec.mean_255, model.spec.std_255, "seg", pad_to=crop)
+        batch = int(s["batch_size"])
+
+        def batches(start: int):
+            sampler = IterationBatches(len(train_ds), batch, start, int(s["max_iters"]), cfg.seed)
+            return DataLoader(samples, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate,
+                              pin_memory=dev.type == "cuda", persistent_workers=False)
+
+        def loss_fn(b: Dict[str, torch.Tensor], it: int) -> List[torch.Tensor]:
+            feats = dense_features(model, b["img"].to(dev, non_blocking=True))
+            return [seg_loss(head(feats.patch.float()), b["target"].to(dev, non_blocking=True))]
+
+        last: Dict[str, Any] = {}
+
+        def eval_fn(it: int) -> Dict[str, Dict[str, float]]:
+            acc = self._slide_eval(run, spec, val_ds, head)
+            last.update(acc=acc, it=it)
+            return {names[0]: {"mIoU": acc.compute()["mIoU"]}}
+
+        trainer.fit(batches, loss_fn, eval_fn, int(s["eval_interval"]))
+        acc = last["acc"] if last.get("it") == int(s["max_iters"]) else self._slide_eval(run, spec, val_ds, head)
+        torch.save({"head": head.state_dict(), "in_channels": feat_dim, "num_classes": spec.num_classes},
+                   run.artifact("head.pt"))
+        artifacts = {**self._write_curves(run, trainer), "head": run.artifact("head.pt")}
+        grid = padded_grid(crop, model.spec.patch_size)
+        extra = {"train_images": len(train_ds), "token_grid_train": list(grid), "feature_dim": feat_dim,
+                 "resumed_from_iter": trainer.resumed_from, "artifacts": artifacts,
+                 "inference_batch": run.inference_batch(16, 4)}
+        run.notes.append("faithful: DINOv2/DVT lin. recipe, online features with mmseg augmentation every iteration; "
+                         "single process, BatchNorm over the whole global batch (= SyncBN over 8x2)")
+        return self._record(run, spec, acc, len(val_ds), extra)
+
+    def _slide_eval(self, run: ProbeRun, spec: Any, val_ds: Any, head: LinearSegHead) -> IoUAccumulator:
+        """mmseg ``slide`` inference at the test scale, logits resized to the label size, IoUMetric areas."""
+        s, model, dev = run.settings, run.model, run.device
+        crop = (int(s["slide_crop"][0]), int(s["slide_crop"][1]))
+        stride = (int(s["slide_stride"][0]), int(s["slide_stride"][1]))
+        samples = FixedViewSamples(val_ds, "seg", model.spec.mean_255, model.spec.std_255)
+        loader = DataLoader(samples, batch_size=None, num_workers=run.cfg.num_workers, persistent_workers=False)
+        acc = IoUAccumulator(spec.num_classes, IGNORE_INDEX)
+        bs = run.inference_batch(16, 4)
+        was_training = head.training
+        head.eval()
+
+        def logits_fn(windows: torch.Tensor) -> torch.Tensor:
+            feats = dense_features(model, windows)
+            return resize(head(feats.patch.float()), tuple(windows.shape[-2:]))
+
+        with torch.no_grad():
+            for smp in loader:
+                label = smp["target"]
+                spec.check_label_values(smp["ann_path"], label.numpy())
+                img = smp["img"][None].to(dev)
+                logits = slide_logits(logits_fn, img, spec.num_classes, crop, stride, bs)
+                pred = resize(logits, tuple(label.shape)).argmax(1)[0]
+                acc.update(pred.cpu(), label)
+        head.train(was_training)
+        return acc
+
+    # -- fast ------------------------------------------------------------------------------------
+    def _fast(self, run: ProbeRun, spec: Any, train_split: str) -> Any:
+        s, cfg, model, dev = run.settings, run.cfg, run.model, run.device
+        lrs, _, _, _ = self._optim(run)
+        crop = (int(s["crop_size"][0]), int(s["crop_size"][1]))
+        scale = [int(x) for x in s["test_scale"]]
+        bs = run.inference_batch(32, 8)
+        mean, std = model.spec.mean_255, model.spec.std_255
+
+        def featurize(imgs: torch.Tensor) -> Dict[str, torch.Tensor]:
+            return {"patch": dense_features(model, imgs.to(dev)).patch}
+
+        # train view: keep-ratio resize to the test scale + centre crop (labels follow), padded to the crop
+        train_ds = spec.build(cfg.data_root, train_split, seg_fixed_view_pipeline(scale, crop), limit=cfg.limit)
+        view = f"fixed-{scale[0]}x{scale[1]}-crop{crop[0]}x{crop[1]}"
+        tr_cache = FeatureCache(os.path.join(run.cache_root, cache_dir_name(run.cache_fields(train_split, view, {}))),
+                                run.cache_fields(train_split, view, {}), {"patch": "float16", "label": "uint8"})
+        def train_fields(smp: Dict[str, Any]) -> Dict[str, np.ndarray]:
+            label = smp["target"].numpy()
+            spec.check_label_values(smp["ann_path"], label)
+            return {"label": label.astype(np.uint8)}
+
+        fill_cache(tr_cache, FixedViewSamples(train_ds, "seg", mean, std, pad_to=crop), featurize, train_fields, bs,
+                   cfg.num_workers, cfg.progress, f"cache {run.dataset}/{train_split}")
+        # eval view: the test resize, whole image; original-size labels and the network input size
+        val_ds = self._val_dataset(run, spec)
+        vview = f"whole-{scale[0]}x{scale[1]}"
+        va_cache = FeatureCache(os.path.join(run.cache_root, cache_dir_name(run.cache_fields(run.eval_split, vview, {}))),
+                                run.cache_fields(run.eval_split, vview, {}),
+                                {"patch": "float16", "label": "uint8", "img_hw": "int32"})
+        fill_cache(va_cache, FixedViewSamples(val_ds, "seg", mean, std), featurize,
+                   lambda smp: {"label": smp["target"].numpy().astype(np.uint8), "img_hw": smp["img_hw"].numpy()},
+                   bs, cfg.num_workers, cfg.progress, f"cache {run.dataset}/{run.eval_split}")
+        for i in range(len(va_cache)):
+            spec.check_label_values(val_ds.get_data_info(i)["seg_map_path"], va_cache.get(i, "label"))
+        last: Dict[str, Any] = {}
+
+        n = len(tr_cache)
+        n_hold = int(round(float(s["holdout_fraction"]) * n))
+        if n < 2 or n_hold < 1 or n_hold >= n:
+            raise DataError(f"{n} training images cannot be split into train and a held-out "
+                            f"{s['holdout_fraction']} fraction; use more images (or a larger --limit)")
+        perm = np.random.default_rng([cfg.seed, 1]).permutation(n)
+        hold_idx, fit_idx = sorted(perm[:n_hold].tolist()), perm[n_hold:].tolist()
+        feat_dim = int(tr_cache.shape(0, "patch")[0])
+        heads = HeadBank([LinearSegHead(feat_dim, spec.num_classes) for _ in lrs]).to(dev)
+        names = [lr_name(lr) for lr in lrs]
+        trainer = self._trainer(run, heads, names, lrs, {"mode": "fast", "cache": tr_cache.path},
+                                f"{TASK} fast {run.dataset}")
+        batch = int(s["batch_size"])
+
+        def batches(start: int):
+            sampler = IterationBatches(len(fit_idx), batch, start, int(s["max_iters"]), cfg.seed)
+            for items in sampler:
+                idx = [fit_idx[k] for (_, _, k) in items]
+                yield (tr_cache.stack(idx, "patch", torch.float32).to(dev),
+                       tr_cache.stack(idx, "label", torch.int64).to(dev))
+
+        def loss_fn(b: Tuple[torch.Tensor, torch.Tensor], it: int) -> List[torch.Tensor]:
+            feats, target = b
+            return [seg_loss(logits, target) for logits in heads(feats)]
+
+        def eval_fn(it: int) -> Dict[str, Dict[str, float]]:
+            accs = [IoUAccumulator(spec.num_classes, IGNORE_INDEX) for _ in heads.heads]
+            with torch.no_grad():
+                for k in range(0, len(hold_idx), bs):
+                    idx = hold_idx[k:k + bs]
+                    feats = tr_cache.stack(idx, "patch", torch.float32).to(dev)
+                    labels = tr_cache.stack(idx, "label", torch.int64)
+                    for acc, logits in zip(accs, heads(feats)):
+                        acc.update(resize(logits, tuple(labels.shape[-2:])).argmax(1).cpu(), labels)
+            out = {nm: {str(s["select_metric"]): a.compute()[str(s["select_metric"])]} for nm, a in zip(names, accs)}
+            last.update(it=it, scores=out)
+            return out
+
+        trainer.fit(batches, loss_fn, eval_fn, int(s["eval_interval"]))
+        final = last["scores"] if last.get("it") == int(s["max_iters"]) else eval_fn(int(s["max_iters"]))
+        metric = str(s["select_metric"])
+        scores = [final[nm][metric] for nm in names]
+        best = int(np.nanargmax(np.asarray(scores, dtype=np.float64)))
+        head = heads.heads[best].eval()
+        acc = IoUAccumulator(spec.num_classes, IGNORE_INDEX)
+        with torch.no_grad():
+            for i in range(len(va_cache)):
+                feats = torch.from_numpy(np.asarray(va_cache.get(i, "patch"), dtype=np.float32))[None].to(dev)
+                label = torch.from_numpy(np.asarray(va_cache.get(i, "label")).astype(np.int64))
+                hw = tuple(int(x) for x in va_cache.get(i, "img_hw"))
+                logits = resize(resize(head(feats), hw), tuple(label.shape))  # to the input, then to ori (mmseg)
+                acc.update(logits.argmax(1)[0].cpu(), label)
+        torch.save({"head": head.state_dict(), "in_channels": feat_dim, "num_classes": spec.num_classes,
+                    "lr": lrs[best]}, run.artifact("head.pt"))
+        artifacts = {**self._write_curves(run, trainer), "head": run.artifact("head.pt"),
+                     "train_cache": tr_cache.path, "eval_cache": va_cache.path}
+        extra = {"selected_lr": lrs[best], "heldout": {nm: final[nm][metric] for nm in names},
+                 "heldout_images": n_hold, "fit_images": n - n_hold, "feature_dim": feat_dim,
+                 "token_grid_train": list(tr_cache.shape(0, "patch")[1:]),
+                 "cache_bytes_per_image": {"train": tr_cache.field_nbytes(["patch"]) / max(1, n),
+                                           "eval": va_cache.field_nbytes(["patch"]) / max(1, len(va_cache))},
+                 "resumed_from_iter": trainer.resumed_from, "artifacts": artifacts, "inference_batch": bs}
+        run.notes.append("fast protocol (not faithful): one fixed view per image, features cached in fp16, "
+                         f"{len(lrs)} heads (lr grid) trained together, best by held-out {metric} on "
+                         f"{n_hold} train images; whole-image test at the test scale")
+        return self._record(run, spec, acc, len(va_cache), extra)

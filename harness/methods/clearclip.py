@@ -1,0 +1,10 @@
+"""ClearCLIP (Lan et al., ECCV 2024): q-q attention without residual and FFN."""
+from ..registry import METHODS
+from .last_block import LastBlockMethod
+
+
+@METHODS.register("clearclip")
+class ClearCLIP(LastBlockMethod):
+    """softmax(q qᵀ s), residual and FFN dropped (model_type='ClearCLIP', ignore_residual; ovss.md §1.1)."""
+
+    CONFIG = {"kernel": "qq", "residual": False, "ffn": False}

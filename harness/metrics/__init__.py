@@ -1,0 +1,1 @@
+"""Metrics with pinned semantics (dataset-level accumulation; averaging stated in each docstring)."""

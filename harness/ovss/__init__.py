@@ -1,0 +1,1 @@
+"""Zero-shot open-vocabulary segmentation: sliding-window inference and post-processing."""

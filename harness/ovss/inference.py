@@ -1,0 +1,138 @@
+"""Sliding-window dense logits and SCLIP-lineage post-processing, batched across windows and images.
+
+Follows mmseg ``slide_inference`` / SCLIP ``forward_slide`` (ovss.md §2.1 step 5): windows on the grid
+``h_grids = max(H - c + s - 1, 0) // s + 1`` with the last window aligned to the border; per window the
+patch features are L2-normalised, compared (cosine) with the text queries, bilinearly upsampled to the
+window size (``align_corners=False``); window logits are summed and divided by the coverage count; the
+map is finally resized bilinearly to the original image size. ``whole`` mode encodes the resized image
+once and upsamples straight to the original size (SCLIP ``forward_feature(img, ori_shape)``).
+
+Unlike the reference loop (one window at a time), all windows of all images in a batch are grouped by
+shape and sent through the backbone together, in chunks of ``batch_size``.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+Window = Tuple[int, int, int, int]  # y1, y2, x1, x2
+
+
+def slide_windows(h: int, w: int, crop: int, stride: int) -> List[Window]:
+    """mmseg's window grid for an (h, w) image (windows shrink to the image when it is smaller)."""
+    h_grids = max(h - crop + stride - 1, 0) // stride + 1
+    w_grids = max(w - crop + stride - 1, 0) // stride + 1
+    out = []
+    for hi in range(h_grids):
+        for wi in range(w_grids):
+            y1, x1 = hi * stride, wi * stride
+            y2, x2 = min(y1 + crop, h), min(x1 + crop, w)
+            y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
+            out.append((y1, y2, x1, x2))
+    return out
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA (speed), plain fp32 elsewhere (CPU reference numbers)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def window_logits(model, crops: torch.Tensor, text: torch.Tensor, out_size: Optional[Tuple[int, int]] = None
+                  ) -> torch.Tensor:
+    """Cosine logits (N, Q, h, w) for image crops (N, 3, h, w), upsampled to ``out_size`` (default: crop size)."""
+    with autocast_for(crops.device):
+        feats = model.forward_dense(crops).patch
+    feats = feats.float()
+    feats = feats / feats.norm(dim=1, keepdim=True)
+    logits = torch.einsum("nchw,qc->nqhw", feats, text.float())
+    size = out_size or tuple(crops.shape[-2:])
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+@dataclass
+class ImageJob:
+    """One image to segment: normalised (3, H, W) tensor at the protocol resolution, and its original size."""
+
+    image: torch.Tensor
+    ori_size: Tuple[int, int]
+
+
+def dense_logits(model, jobs: Sequence[ImageJob], text: torch.Tensor, mode: str, crop: int, stride: int,
+                 batch_size: int) -> List[torch.Tensor]:
+    """Logits (Q, H0, W0) at each job's original size, computing all windows of all jobs in shared batches."""
+    if mode == "whole":
+        outs: List[torch.Tensor] = []
+        groups: Dict[Tuple[int, int], List[int]] = {}
+        for i, j in enumerate(jobs):
+            groups.setdefault(tuple(j.image.shape[-2:]), []).append(i)
+        res: Dict[int, torch.Tensor] = {}
+        for idx in groups.values():
+            for c in range(0, len(idx), batch_size):
+                chunk = idx[c:c + batch_size]
+                batch = torch.stack([jobs[i].image for i in chunk])
+                with autocast_for(batch.device):
+                    feats = model.forward_dense(batch).patch.float()
+                feats = feats / feats.norm(dim=1, keepdim=True)
+                lg = torch.einsum("nchw,qc->nqhw", feats, text.float())
+                for k, i in enumerate(chunk):
+                    res[i] = F.interpolate(lg[k:k + 1], size=jobs[i].ori_size, mode="bilinear",
+                                           align_corners=False)[0]
+        for i in range(len(jobs)):
+            outs.append(res[i])
+        return outs
+    if mode != "slide":
+        raise ValueError(f"unknown inference mode {mode!r} (slide or whole)")
+
+    q = text.shape[0]
+    sums = [torch.zeros(q, *j.image.shape[-2:], device=text.device) for j in jobs]
+    counts = [torch.zeros(1, *j.image.shape[-2:], device=text.device) for j in jobs]
+    pending: Dict[Tuple[int, int], List[Tuple[int, Window]]] = {}
+    for i, j in enumerate(jobs):
+        for win in slide_windows(j.image.shape[-2], j.image.shape[-1], crop, stride):
+            pending.setdefault((win[1] - win[0], win[3] - win[2]), []).append((i, win))
+    for items in pending.values():
+        for c in range(0, len(items), batch_size):
+            chunk = items[c:c + batch_size]
+            crops = torch.stack([jobs[i].image[:, y1:y2, x1:x2] for i, (y1, y2, x1, x2) in chunk])
+            lg = window_logits(model, crops, text)
+            for k, (i, (y1, y2, x1, x2)) in enumerate(chunk):
+                sums[i][:, y1:y2, x1:x2] += lg[k]
+                counts[i][:, y1:y2, x1:x2] += 1
+    outs = []
+    for i, j in enumerate(jobs):
+        m = (sums[i] / counts[i]).unsqueeze(0)
+        outs.append(F.interpolate(m, size=j.ori_size, mode="bilinear", align_corners=False)[0])
+    return outs
+
+
+def postprocess(logits: torch.Tensor, query_class: torch.Tensor, num_classes: int, logit_scale: float,
+                prob_thd: float = 0.0, area_thd: Optional[float] = None) -> torch.Tensor:
+    """(Q, H, W) cosine logits -> (H, W) class indices (SCLIP ``postprocess_result``; ovss.md §2.1 step 6).
+
+    softmax(τ·cos) over all queries; per class the max over its queries; optional area threshold (a
+    non-background class whose predicted area is ≤ area_thd × all non-background predicted area is
+    zeroed); argmax; pixels whose max probability is below ``prob_thd`` become class 0.
+    """
+    probs = torch.softmax(logits.float() * logit_scale, dim=0)
+    if probs.shape[0] != num_classes:
+        cls_probs = torch.full((num_classes, *probs.shape[1:]), float("-inf"), device=probs.device)
+        cls_probs = cls_probs.scatter_reduce(0, query_class.view(-1, 1, 1).expand_as(probs), probs, reduce="amax",
+                                             include_self=True)
+    else:
+        cls_probs = probs
+    if area_thd is not None:
+        pred = cls_probs.argmax(0)
+        area = torch.bincount(pred.reshape(-1), minlength=num_classes)[:num_classes].to(cls_probs.dtype)
+        area[0] = 0  # SCLIP: areas of classes 1.. only ("prone to ignore background areas")
+        keep = (area > area_thd * area.sum()).to(cls_probs.dtype)
+        keep[0] = 1
+        cls_probs = cls_probs * keep.view(-1, 1, 1)
+    maxp, pred = cls_probs.max(0)
+    pred[maxp < prob_thd] = 0
+    return pred

@@ -1,0 +1,182 @@
+"""On-disk feature cache for the ``fast`` protocol: fp16 features, written once, memory-mapped for training.
+
+Layout of one cache (a directory named by what determines its content)::
+
+    <cache_dir>/<backbone>__<method>__<dataset>__<split>__<view>__<hash>/
+        meta.json      key fields, field dtypes, item count, bytes per field file, complete flag
+        index.npz      per field: (count, 1 + ndim) int64 rows = byte offset, shape
+        <field>.bin    the items' arrays, appended back to back (features in float16)
+
+The hash covers backbone, method and its parameters, weights hash, dataset, split, view (resolution and
+pipeline) and image limit, so a cache can never be reused for a different model or view. Extraction
+survives interruption: the index is flushed every ``FLUSH_EVERY`` items, and reopening truncates the
+field files to the last flushed state and continues from there.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import HarnessError
+
+CACHE_FORMAT_VERSION = 1
+FLUSH_EVERY = 256
+
+
+class CacheError(HarnessError):
+    """A cache directory is unusable (corrupt or written for another configuration)."""
+
+
+def cache_key(fields: Dict[str, Any]) -> str:
+    blob = json.dumps({"format": CACHE_FORMAT_VERSION, **fields}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def cache_dir_name(fields: Dict[str, Any]) -> str:
+    """Readable prefix + hash: ``<backbone>__<method>__<dataset>__<split>__<view>__<hash>``."""
+    parts = [str(fields.get(k, "")) for k in ("backbone", "method", "dataset", "split", "view")]
+    return "__".join(p.replace("/", "-") for p in parts) + "__" + cache_key(fields)
+
+
+class FeatureCache:
+    """Append-only store of per-item arrays (see module doc).
+
+    Args:
+        path: the cache directory.
+        key_fields: what the content depends on; must match an existing cache's.
+        fields: field name -> numpy dtype name, e.g. {"patch": "float16", "label": "uint8"}.
+    """
+
+    def __init__(self, path: str, key_fields: Dict[str, Any], fields: Dict[str, str]) -> None:
+        self.path = path
+        self.key_fields = json.loads(json.dumps(key_fields, sort_keys=True, default=str))
+        self.fields = dict(fields)
+        self.count = 0
+        self.complete = False
+        self._index: Dict[str, List[List[int]]] = {f: [] for f in self.fields}
+        self._sizes: Dict[str, int] = {f: 0 for f in self.fields}
+        self._handles: Dict[str, Any] = {}
+        self._maps: Dict[str, np.memmap] = {}
+        self._since_flush = 0
+        self._load()
+
+    # -- state ---------------------------------------------------------------------------------
+    def _meta_path(self) -> str:
+        return os.path.join(self.path, "meta.json")
+
+    def _bin(self, field: str) -> str:
+        return os.path.join(self.path, f"{field}.bin")
+
+    def _load(self) -> None:
+        if not os.path.isfile(self._meta_path()):
+            return
+        try:
+            with open(self._meta_path()) as f:
+                meta = json.load(f)
+            idx = np.load(os.path.join(self.path, "index.npz"))
+        except (OSError, ValueError) as e:
+            raise CacheError(f"feature cache {self.path} is unreadable ({e}); delete the directory to rebuild it") from e
+        if meta.get("key_fields") != self.key_fields or meta.get("fields") != self.fields:
+            raise CacheError(f"feature cache {self.path} was written for another configuration; delete it "
+                             f"(or pass another --cache-dir)")
+        self.count = int(meta["count"])
+        self.complete = bool(meta["complete"])
+        self._sizes = {f: int(s) for f, s in meta["sizes"].items()}
+        self._index = {f: idx[f][: self.count].tolist() for f in self.fields}
+
+    def _flush(self) -> None:
+        for h in self._handles.values():
+            h.flush()
+            os.fsync(h.fileno())
+        tmp_idx = os.path.join(self.path, "index.tmp.npz")
+        arrays = {f: np.asarray(rows, dtype=np.int64).reshape(len(rows), -1) for f, rows in self._index.items()}
+        np.savez(tmp_idx, **arrays)
+        os.replace(tmp_idx, os.path.join(self.path, "index.npz"))
+        meta = {"format": CACHE_FORMAT_VERSION, "key_fields": self.key_fields, "fields": self.fields,
+                "count": self.count, "sizes": self._sizes, "complete": self.complete}
+        tmp = self._meta_path() + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=1)
+        os.replace(tmp, self._meta_path())
+        self._since_flush = 0
+
+    # -- writing -------------------------------------------------------------------------------
+    def open_for_write(self) -> int:
+        """Prepare to append; returns how many items are already stored (resume point)."""
+        os.makedirs(self.path, exist_ok=True)
+        for f in self.fields:
+            p = self._bin(f)
+            mode = "r+b" if os.path.exists(p) else "w+b"
+            h = open(p, mode)
+            h.truncate(self._sizes[f])  # drop bytes written after the last flush
+            h.seek(self._sizes[f])
+            self._handles[f] = h
+        self._maps.clear()
+        return self.count
+
+    def append(self, item: Dict[str, np.ndarray]) -> None:
+        if set(item) != set(self.fields):
+            raise ValueError(f"cache item fields {sorted(item)} != {sorted(self.fields)}")
+        for f, arr in item.items():
+            a = np.ascontiguousarray(arr, dtype=self.fields[f])
+            self._index[f].append([self._sizes[f], *a.shape])
+            self._handles[f].write(a.tobytes())
+            self._sizes[f] += a.nbytes
+        self.count += 1
+        self._since_flush += 1
+        if self._since_flush >= FLUSH_EVERY:
+            self._flush()
+
+    def finish(self) -> None:
+        """Mark the cache complete and close the files."""
+        self.complete = True
+        self._flush()
+        for h in self._handles.values():
+            h.close()
+        self._handles.clear()
+        self._maps.clear()
+
+    def close(self) -> None:
+        """Flush what was written (an interrupted extraction resumes from here)."""
+        if self._handles:
+            self._flush()
+            for h in self._handles.values():
+                h.close()
+            self._handles.clear()
+
+    # -- reading -------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.count
+
+    def _map(self, field: str) -> np.memmap:
+        if field not in self._maps:
+            self._maps[field] = np.memmap(self._bin(field), dtype=self.fields[field], mode="r")
+        return self._maps[field]
+
+    def get(self, i: int, field: str) -> np.ndarray:
+        row = self._index[field][i]
+        off, shape = row[0], tuple(row[1:])
+        n = int(np.prod(shape)) if shape else 1
+        item = np.dtype(self.fields[field]).itemsize
+        return self._map(field)[off // item: off // item + n].reshape(shape)
+
+    def shape(self, i: int, field: str) -> tuple:
+        return tuple(self._index[field][i][1:])
+
+    def stack(self, indices: Sequence[int], field: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """Items ``indices`` of one field (all the same shape) as one tensor."""
+        arr = np.stack([self.get(int(i), field) for i in indices])
+        t = torch.from_numpy(arr)
+        return t.to(dtype) if dtype is not None else t
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(self._sizes.values()))
+
+    def field_nbytes(self, fields: Iterable[str]) -> int:
+        return int(sum(self._sizes[f] for f in fields))

@@ -1,0 +1,159 @@
+"""What both probe evaluators share: run identity, skip/resume bookkeeping, artifacts, settings checks.
+
+Artifacts of a run live next to its record ``<stem>.json``:
+
+* ``<stem>.ckpt.pt``      resumable training state (removed when the record is written)
+* ``<stem>.head.pt``      the final (selected) head's weights
+* ``<stem>.curves.csv``   training loss / lr and validation metrics per head (see ``curves.py``)
+* ``<stem>.curves.png``   the same, plotted
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from ..backbones.base import DenseModel
+from ..errors import ConfigError
+from ..evaluators.base import RunConfig
+from ..models import build_dense_model
+from ..protocols import Protocol, get_protocol
+from ..registry import BACKBONES, DATASETS, METHODS
+from ..results.record import RunRecord, read_record, record_path, run_key, write_record
+from ..runtime import device_description, select_device
+
+MODES = ("faithful", "fast")
+
+
+def require(settings: Dict[str, Any], keys: Sequence[str], where: str) -> None:
+    """Raise a :class:`ConfigError` naming the protocol file when settings lack ``keys``."""
+    missing = [k for k in keys if k not in settings]
+    if missing:
+        raise ConfigError(f"protocol {where} lacks setting(s) {', '.join(missing)}; add them to the YAML file")
+
+
+@dataclass
+class ProbeRun:
+    """One probe run: its protocol, model, identity, paths and the notes that go into the record."""
+
+    cfg: RunConfig
+    task: str
+    protocol: Protocol
+    settings: Dict[str, Any]
+    dataset: str
+    eval_split: str
+    model: DenseModel
+    device: torch.device
+    key: str
+    path: str
+    existing: Optional[RunRecord] = None
+    notes: List[str] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+
+    @property
+    def mode(self) -> str:
+        return str(self.settings["mode"])
+
+    @property
+    def stem(self) -> str:
+        return self.path[: -len(".json")]
+
+    def artifact(self, suffix: str) -> str:
+        return f"{self.stem}.{suffix}"
+
+    @property
+    def where(self) -> str:
+        return f"{self.protocol.key} v{self.protocol.version} ({self.protocol.path})"
+
+    def fingerprint(self, extra: Dict[str, Any]) -> str:
+        """Identifies the training configuration: a checkpoint with another fingerprint is not resumed."""
+        blob = json.dumps({"key": self.key, "settings": self.settings, "seed": self.cfg.seed, **extra},
+                          sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    @property
+    def cache_root(self) -> str:
+        return self.cfg.cache_dir or os.path.join(self.cfg.results_dir, "cache")
+
+    def cache_fields(self, split: str, view: str, extra: Dict[str, Any]) -> Dict[str, Any]:
+        """What a feature cache's content depends on (probes.md §4.2 / issue: backbone, method, weights, ...)."""
+        return {"backbone": self.model.spec.id, "method": self.method_name, "method_params": self.model.params,
+                "weights": self.model.backbone.weights_id, "dataset": self.dataset, "split": split, "view": view,
+                "data_root": os.path.abspath(self.cfg.data_root), "limit": self.cfg.limit, **extra}
+
+    @property
+    def method_name(self) -> str:
+        return str(self.model.describe()["method"])
+
+    def inference_batch(self, default_gpu: int, default_cpu: int) -> int:
+        """Images (or windows) per backbone forward: ``--batch-size`` or a device default (no effect on numbers)."""
+        return int(self.cfg.batch_size) or (default_gpu if self.device.type == "cuda" else default_cpu)
+
+    def finish(self, metrics: Dict[str, float], num_images: int, settings_extra: Dict[str, Any],
+               per_class: Optional[Dict[str, Dict[str, float]]] = None) -> RunRecord:
+        """Write the record (atomically), drop the checkpoint, return the record."""
+        notes = list(self.notes)
+        if self.cfg.random_init or self.model.backbone.weights_id == "random-init":
+            notes.append("random-init weights: numbers are not meaningful")
+        if self.cfg.limit:
+            notes.append(f"limit={self.cfg.limit}: only the first {self.cfg.limit} images of each split were used")
+        rec = RunRecord(
+            task=self.task, protocol=self.protocol.id, protocol_version=self.protocol.version,
+            backbone=self.model.spec.id, weights=self.model.backbone.weights_id, method=self.method_name,
+            method_params=self.model.params, dataset=self.dataset, split=self.eval_split,
+            data_root=os.path.abspath(self.cfg.data_root), num_images=int(num_images), metrics=metrics,
+            per_class=per_class or {},
+            settings={**self.settings, "seed": self.cfg.seed, "limit": self.cfg.limit, **settings_extra},
+            notes=notes, wall_time_s=time.time() - self.started, device=device_description(self.device),
+            world_size=1)
+        write_record(rec, self.path)
+        ckpt = self.artifact("ckpt.pt")
+        if os.path.isfile(ckpt):
+            os.remove(ckpt)
+        return rec
+
+
+def start_probe_run(cfg: RunConfig, task: str, default_eval_split: str) -> ProbeRun:
+    """Resolve protocol, dataset and model; compute the record path; find a finished record (unless --force).
+
+    ``default_eval_split`` replaces ``cfg.split`` when the dataset has no such split (e.g. NYU has
+    train/test and the CLI's default split is ``val``).
+    """
+    BACKBONES.get(cfg.backbone), METHODS.get(cfg.method)  # unknown names fail before any work
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(f"the {task} probe runs in one process (the global batch is on one device); "
+                          f"launch it without torchrun")
+    protocol = get_protocol(task, cfg.protocol)
+    if protocol.task != task:
+        raise ConfigError(f"protocol file {protocol.path} is for task {protocol.task!r}, not {task!r}")
+    dataset = DATASETS.canonical(cfg.dataset)
+    settings = protocol.settings(dataset)
+    where = f"{protocol.key} v{protocol.version} ({protocol.path})"
+    require(settings, ("mode",), where)
+    if settings["mode"] not in MODES:
+        raise ConfigError(f"protocol {where}: mode {settings['mode']!r} must be one of {', '.join(MODES)}")
+    spec = DATASETS.get(dataset)
+    eval_split = cfg.split
+    if eval_split not in spec.splits:
+        if cfg.split != "val":
+            raise ConfigError(f"dataset {dataset!r} has no split {cfg.split!r}; use one of {', '.join(spec.splits)}")
+        eval_split = default_eval_split
+    device = select_device(cfg.device)
+    model = build_dense_model(cfg.backbone, cfg.method, cfg.method_params, cfg.weights, cfg.random_init,
+                              cfg.allow_download).to(device)
+    method = str(model.describe()["method"])
+    key = run_key(task, protocol.id, protocol.version, model.spec.id, model.backbone.weights_id, method,
+                  model.params, dataset, eval_split, cfg.limit)
+    if cfg.seed:  # training runs depend on the seed; run_key has no seed field, so fold it in here
+        key = hashlib.sha256(f"{key}|seed={cfg.seed}".encode()).hexdigest()[:12]
+    path = record_path(cfg.results_dir, task, protocol.id, model.spec.id, method, dataset, key)
+    run = ProbeRun(cfg=cfg, task=task, protocol=protocol, settings=settings, dataset=dataset, eval_split=eval_split,
+                   model=model, device=device, key=key, path=path)
+    if os.path.isfile(path) and not cfg.force:
+        run.existing = read_record(path)
+    return run

@@ -1,0 +1,84 @@
+"""Fill a :class:`~harness.probes.cache.FeatureCache` from a dataset: batched frozen forwards, resumable."""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from ..runtime import progress as progress_bar
+from .cache import FeatureCache
+from .data import convert_sample
+
+Featurize = Callable[[torch.Tensor], Dict[str, torch.Tensor]]
+
+
+class FixedViewSamples(Dataset):
+    """Deterministic samples of an mmseg dataset (no augmentation): tensors plus the sizes the caller needs.
+
+    Returns dict(img=(3, H, W) normalised, target=label or depth (original pipeline output),
+    img_hw=(H, W) of the network input before centre padding, ann_path=the label / depth file).
+    """
+
+    def __init__(self, base: Any, kind: str, mean_255, std_255, pad_to=None) -> None:
+        self.base, self.kind = base, kind
+        self.mean_255, self.std_255, self.pad_to = list(mean_255), list(std_255), pad_to
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:
+        results = self.base[i]
+        s: Dict[str, Any] = dict(convert_sample(results, self.kind, self.mean_255, self.std_255, self.pad_to))
+        s["img_hw"] = torch.tensor(s["img"].shape[-2:], dtype=torch.int32)
+        s["ann_path"] = str(results.get("seg_map_path") or results.get("depth_map_path") or "")
+        return s
+
+
+def fill_cache(cache: FeatureCache, samples: Dataset, featurize: Featurize,
+               item_fields: Callable[[Dict[str, Any]], Dict[str, np.ndarray]], batch_size: int, num_workers: int,
+               show_progress: bool, desc: str) -> FeatureCache:
+    """Append every sample not yet in ``cache`` (images of equal size are batched), then mark it complete.
+
+    ``featurize`` maps a batch of images to per-image tensors (first dim = batch); ``item_fields`` adds the
+    non-feature fields of a sample (labels, sizes). An interruption flushes what was written; calling again
+    continues where it stopped.
+    """
+    start = cache.open_for_write()
+    if cache.complete:
+        cache.close()
+        return cache
+    n = len(samples)
+    loader = DataLoader(Subset(samples, range(start, n)), batch_size=None, num_workers=num_workers,
+                        persistent_workers=False)
+    bar = progress_bar(total=n, desc=desc, enabled=show_progress)
+    bar.update(start)
+    pending: List[Dict[str, Any]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        imgs = torch.stack([p["img"] for p in pending])
+        with torch.no_grad():
+            feats = featurize(imgs)
+        for j, p in enumerate(pending):
+            item = {k: v[j].detach().float().cpu().numpy().astype(cache.fields[k]) for k, v in feats.items()}
+            item.update(item_fields(p))
+            cache.append(item)
+        bar.update(len(pending))
+        pending.clear()
+
+    try:
+        for s in loader:
+            if pending and (tuple(s["img"].shape) != tuple(pending[0]["img"].shape) or len(pending) >= batch_size):
+                flush()
+            pending.append(s)
+        flush()
+        cache.finish()
+    except BaseException:
+        cache.close()
+        raise
+    finally:
+        bar.close()
+    return cache

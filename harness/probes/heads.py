@@ -1,0 +1,86 @@
+"""Probe heads: the DINOv2/DVT linear segmentation head and the AdaBins-style linear depth head.
+
+Both act on the patch grid from :class:`harness.backbones.base.DenseFeatures`; upsampling to the label
+size happens in the loss / prediction code, as in mmseg's ``BaseDecodeHead``.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: mmseg BaseDecodeHead init: conv_seg ~ N(0, 0.01), bias 0 (mmseg decode_head.py init_cfg / mmcv normal_init)
+SEG_CONV_INIT_STD = 0.01
+#: AdaBins-style head of DVT's vitb_nyu_linear_config.py / DINOv2 linear_head.py (probes.md §2.1)
+DEPTH_BINS = 256
+DEPTH_MIN = 1e-3
+DEPTH_MAX = 10.0
+DEPTH_UPSAMPLE = 4
+#: "linear" normalisation: p = (ReLU(z) + 0.1) / sum (DINOv2 decode_head.py depth_pred, eps = 0.1)
+DEPTH_NORM_EPS = 0.1
+
+
+class LinearSegHead(nn.Module):
+    """BN + 1x1 conv on patch features: DINOv2's ``BNHead`` (probes.md §1.1), the probe is W·BN(f) + b.
+
+    mmseg uses SyncBN over the global batch; a single process uses BatchNorm2d over the same batch,
+    which is the same computation when the whole global batch is on one device.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(in_channels)
+        self.conv_seg = nn.Conv2d(in_channels, num_classes, kernel_size=1)
+        nn.init.normal_(self.conv_seg.weight, mean=0.0, std=SEG_CONV_INIT_STD)
+        nn.init.zeros_(self.conv_seg.bias)
+
+    def forward(self, patch: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) features -> (B, K, h, w) logits at patch resolution."""
+        return self.conv_seg(self.bn(patch))
+
+
+def depth_head_input(patch: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+    """[F ; c·1ᵀ]: patch features with the CLS token broadcast over the grid (DINOv2 linear_head.py)."""
+    return torch.cat([patch, cls[:, :, None, None].expand_as(patch)], dim=1)
+
+
+class DepthBinsHead(nn.Module):
+    """×4 bilinear upsampling, 1x1 conv to 256 bins uniform on [0.001, 10] m, linear-normalised expectation.
+
+    Input channels are 2·C (patch ⊕ broadcast CLS, :func:`depth_head_input`); no BatchNorm (the line is
+    commented out in DINOv2's depth ``BNHead``, probes.md §2.1). Conv init: PyTorch default, as there.
+    """
+
+    def __init__(self, in_channels: int, n_bins: int = DEPTH_BINS, min_depth: float = DEPTH_MIN,
+                 max_depth: float = DEPTH_MAX, upsample: int = DEPTH_UPSAMPLE) -> None:
+        super().__init__()
+        self.upsample = int(upsample)
+        self.conv_depth = nn.Conv2d(in_channels, n_bins, kernel_size=1)
+        self.register_buffer("bins", torch.linspace(min_depth, max_depth, n_bins), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 2C, h, w) -> depth (B, 1, 4h, 4w) in metres."""
+        h, w = x.shape[-2:]
+        x = F.interpolate(x, size=(h * self.upsample, w * self.upsample), mode="bilinear", align_corners=False)
+        logit = torch.relu(self.conv_depth(x)) + DEPTH_NORM_EPS
+        p = logit / logit.sum(dim=1, keepdim=True)
+        return torch.einsum("bkhw,k->bhw", p, self.bins.to(p.dtype)).unsqueeze(1)
+
+
+class HeadBank(nn.Module):
+    """Several independent heads on the same input (the ``fast`` protocol's learning-rate grid).
+
+    DINOv2's classification ``AllClassifiers`` does the same for linear heads (probes.md §4.1).
+    """
+
+    def __init__(self, heads: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.heads = nn.ModuleList(heads)
+
+    def __len__(self) -> int:
+        return len(self.heads)
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        return [h(x) for h in self.heads]

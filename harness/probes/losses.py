@@ -1,0 +1,81 @@
+"""Depth-probe losses: AdaBins SigLoss and the multi-scale log-gradient loss, both over valid pixels.
+
+Sources: DINOv2 ``eval/depth/models/losses/{sigloss,gradientloss}.py`` as used by DVT's NYU linear
+config (probes.md §2.2, phreg-dvt.md §2.4): total = 1.0 x SigLoss(warm-up 100 iterations) + 0.5 x
+GradientLoss, with eps = 1e-3 inside the logs and valid = gt > 0 (and gt <= max_depth when given).
+
+The gradient loss here differences the log-error map along the two *spatial* axes at strides 1, 2, 4
+and 6, as its MegaDepth origin, DINOv3 and probe3d do. DINOv2's copy slices the first two dimensions
+of a (B, 1, H, W) tensor, i.e. batch and channel (probes.md §0.5): identically 0 for 2 images per GPU
+and cross-image otherwise. We do not reproduce that bug; ``tests/probes/test_losses.py`` shows the two
+give different answers.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+#: eps inside log(d + eps) in both losses (DINOv2 sigloss.py / gradientloss.py: "avoid grad explode")
+LOG_EPS = 1e-3
+#: SigLoss: sqrt(Var(g) + 0.15 mean(g)^2), i.e. Eigen's scale-invariant loss with lambda = 0.85 (probes.md §2.2)
+SIGLOSS_MEAN_WEIGHT = 0.15
+#: the first 100 iterations use sqrt(0.15 mean(g)^2) only (DINOv2 SigLoss warm_up=True, warm_iter=100)
+SIGLOSS_WARM_ITERS = 100
+#: loss weights of DVT's vitb_nyu_linear_config.py: SigLoss 1.0, GradientLoss 0.5
+SIGLOSS_WEIGHT = 1.0
+GRADIENT_LOSS_WEIGHT = 0.5
+#: GradientLoss scales: the full map and strided subsamplings ::2, ::4, ::6 (``[::2*i] for i in 1..3``)
+GRADIENT_STRIDES = (1, 2, 4, 6)
+
+
+def valid_mask(gt: torch.Tensor, max_depth: Optional[float] = None) -> torch.Tensor:
+    """DINOv2 loss mask: gt > 0, and gt <= max_depth when given."""
+    m = gt > 0
+    if max_depth is not None:
+        m = m & (gt <= max_depth)
+    return m
+
+
+def sig_loss(pred: torch.Tensor, gt: torch.Tensor, max_depth: Optional[float] = None,
+             warm_up: bool = False) -> torch.Tensor:
+    """AdaBins scale-invariant log loss over all valid pixels of the batch.
+
+    L = sqrt(Var(g) + 0.15 mean(g)^2), g = log(p + eps) - log(d + eps), ``torch.var`` unbiased as in
+    DINOv2; with ``warm_up`` only sqrt(0.15 mean(g)^2). The caller passes ``warm_up=iteration < 100``, so
+    the warm-up follows the iteration counter (and survives a resume) rather than a mutable call count.
+    """
+    m = valid_mask(gt, max_depth)
+    g = torch.log(pred[m] + LOG_EPS) - torch.log(gt[m] + LOG_EPS)
+    if g.numel() < 2:  # no (or one) valid pixel: no signal, and a graph-connected zero instead of NaN
+        return pred.sum() * 0.0
+    if warm_up:
+        return torch.sqrt(SIGLOSS_MEAN_WEIGHT * g.mean() ** 2)
+    return torch.sqrt(torch.var(g) + SIGLOSS_MEAN_WEIGHT * g.mean() ** 2)
+
+
+def gradient_loss(pred: torch.Tensor, gt: torch.Tensor, max_depth: Optional[float] = None) -> torch.Tensor:
+    """Multi-scale log-gradient matching loss, differences along the spatial axes (last two dims).
+
+    For each stride s in (1, 2, 4, 6): R = (log(p + eps) - log(d + eps)) * mask on ``[..., ::s, ::s]``,
+    sum |R[y] - R[y+2]| over pairs of valid pixels two rows apart plus the same two columns apart,
+    divided by the number of valid pixels at that scale; the scales are summed (DINOv2 gradientloss.py,
+    with its slicing moved to the spatial dimensions).
+    """
+    total = pred.new_zeros(())
+    for s in GRADIENT_STRIDES:
+        p = pred[..., ::s, ::s]
+        d = gt[..., ::s, ::s]
+        m = valid_mask(d, max_depth).to(p.dtype)
+        n = m.sum()
+        r = (torch.log(p + LOG_EPS) - torch.log(d + LOG_EPS)) * m
+        v = (r[..., :-2, :] - r[..., 2:, :]).abs() * (m[..., :-2, :] * m[..., 2:, :])
+        h = (r[..., :, :-2] - r[..., :, 2:]).abs() * (m[..., :, :-2] * m[..., :, 2:])
+        total = total + (v.sum() + h.sum()) / n.clamp(min=1)  # no valid pixel: 0, not NaN
+    return total
+
+
+def depth_loss(pred: torch.Tensor, gt: torch.Tensor, iteration: int, max_depth: Optional[float] = None) -> torch.Tensor:
+    """DVT NYU linear loss: 1.0 x SigLoss (warm-up for the first 100 iterations) + 0.5 x GradientLoss."""
+    return (SIGLOSS_WEIGHT * sig_loss(pred, gt, max_depth, warm_up=iteration < SIGLOSS_WARM_ITERS)
+            + GRADIENT_LOSS_WEIGHT * gradient_loss(pred, gt, max_depth))

@@ -1,0 +1,1 @@
+"""results package (entries are discovered by harness.registry)."""

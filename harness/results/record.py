@@ -1,0 +1,137 @@
+"""One JSON record per run, with everything needed to trace a leaderboard cell back to its origin.
+
+Records live under ``<results_dir>/runs/<task>/<protocol>/`` and are named by a hash of what makes the
+run unique (task, protocol+version, backbone, weights, method+params, dataset, split, limit), so a
+re-run of the same configuration finds its finished record and is skipped unless ``--force``.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import subprocess
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional
+
+SCHEMA_VERSION = 1
+
+
+def harness_version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def git_hash() -> str:
+    """Commit of the harness checkout (``+dirty`` when modified), or ``unknown`` outside git."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        if rev.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+        return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@dataclass
+class RunRecord:
+    """The result of one (task, protocol, backbone, method, dataset) run."""
+
+    task: str  # "ovss" | "linear-seg" | "depth"
+    protocol: str
+    protocol_version: int
+    backbone: str
+    weights: str  # sha256 of the weights file, or "random-init"
+    method: str
+    method_params: Dict[str, Any]
+    dataset: str
+    split: str
+    data_root: str
+    num_images: int
+    metrics: Dict[str, float]  # headline metrics, e.g. mIoU/mAcc/aAcc (x100) or rmse/abs_rel/delta1
+    per_class: Dict[str, Dict[str, float]] = field(default_factory=dict)  # class -> {IoU, Acc}
+    settings: Dict[str, Any] = field(default_factory=dict)  # the resolved protocol entry used
+    notes: List[str] = field(default_factory=list)
+    wall_time_s: float = 0.0
+    device: str = ""
+    world_size: int = 1
+    harness_version: str = field(default_factory=harness_version)
+    git_hash: str = field(default_factory=git_hash)
+    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    environment: Dict[str, str] = field(default_factory=lambda: environment())
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def random_init(self) -> bool:
+        return self.weights == "random-init"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=False, default=_jsonable)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "RunRecord":
+        known = {f for f in cls.__dataclass_fields__}  # type: ignore[attr-defined]
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _jsonable(x: Any) -> Any:
+    if hasattr(x, "item"):
+        return x.item()
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    return str(x)
+
+
+def environment() -> Dict[str, str]:
+    env = {"python": platform.python_version(), "platform": platform.platform()}
+    try:
+        import torch
+
+        env["torch"] = torch.__version__
+        env["cuda"] = str(torch.version.cuda)
+    except ImportError:  # pragma: no cover
+        pass
+    return env
+
+
+def run_key(task: str, protocol: str, protocol_version: int, backbone: str, weights: str, method: str,
+            method_params: Dict[str, Any], dataset: str, split: str, limit: Optional[int]) -> str:
+    """A short stable hash of everything that makes a run unique."""
+    blob = json.dumps([task, protocol, protocol_version, backbone, weights, method, method_params, dataset, split,
+                       limit], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def record_path(results_dir: str, task: str, protocol: str, backbone: str, method: str, dataset: str,
+                key: str) -> str:
+    return os.path.join(results_dir, "runs", task, protocol, f"{backbone}__{method}__{dataset}__{key}.json")
+
+
+def write_record(rec: RunRecord, path: str) -> str:
+    """Atomically write ``rec`` to ``path`` (a crash never leaves a half-written record)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(rec.to_json())
+    os.replace(tmp, path)
+    return path
+
+
+def read_record(path: str) -> RunRecord:
+    with open(path) as f:
+        return RunRecord.from_dict(json.load(f))
+
+
+def load_records(results_dir: str) -> List[RunRecord]:
+    out = []
+    root = os.path.join(results_dir, "runs")
+    for dirpath, _, files in os.walk(root):
+        for fn in sorted(files):
+            if fn.endswith(".json"):
+                out.append(read_record(os.path.join(dirpath, fn)))
+    return out
