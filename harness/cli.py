@@ -106,15 +106,23 @@ def cmd_run(a: argparse.Namespace) -> int:
     params = _parse_params(a.param)
     evaluator = EVALUATORS.get(a.task)()
     split = a.split or ("test" if a.task == "depth" else "val")
+    if params and len(methods) > 1:
+        raise ConfigError("--param applies to a single --method; run methods with parameters one at a time")
     for ds, root in zip(datasets, roots):
-        for m in methods:
-            cfg = RunConfig(task=a.task, backbone=a.backbone, method=m, dataset=ds, data_root=os.path.expanduser(root),
-                            method_params=params, split=split, protocol=a.protocol, weights=a.weights,
-                            random_init=a.random_init, allow_download=a.download, device=a.device,
-                            batch_size=a.batch_size, num_workers=a.workers, limit=a.limit,
-                            results_dir=a.results_dir, cache_dir=a.cache_dir, force=a.force, seed=a.seed,
-                            progress=not a.no_progress, save_predictions=a.save_predictions)
-            rec = evaluator.run(cfg)
+        cfg = RunConfig(task=a.task, backbone=a.backbone, method=methods[0], dataset=ds,
+                        data_root=os.path.expanduser(root), method_params=params, split=split, protocol=a.protocol,
+                        weights=a.weights, random_init=a.random_init, allow_download=a.download, device=a.device,
+                        batch_size=a.batch_size, num_workers=a.workers, limit=a.limit, results_dir=a.results_dir,
+                        cache_dir=a.cache_dir, force=a.force, seed=a.seed, progress=not a.no_progress,
+                        save_predictions=a.save_predictions)
+        if hasattr(evaluator, "run_methods"):  # one pass for all methods (shared data, text and trunk)
+            recs = evaluator.run_methods(cfg, methods)
+        else:
+            recs = []
+            for m in methods:
+                cfg.method = m
+                recs.append(evaluator.run(cfg))
+        for rec in recs:
             print(format_record(rec))
     return 0
 

@@ -31,11 +31,10 @@ def run_demo(out: str, num_images: int = 4, device: str = "auto") -> int:
     print(f"demo data ({num_images} images, VOC2012 layout): {data_root}")
     results_dir = os.path.join(out, "results")
     evaluator = EVALUATORS.get("ovss")()
-    for method in DEMO_METHODS:
-        cfg = RunConfig(task="ovss", backbone="clip-b16-openai", method=method, dataset="voc21", data_root=data_root,
-                        random_init=True, device=device, num_workers=1, results_dir=results_dir,
-                        cache_dir=os.path.join(out, "cache"))
-        rec = evaluator.run(cfg)
+    cfg = RunConfig(task="ovss", backbone="clip-b16-openai", method=DEMO_METHODS[0], dataset="voc21",
+                    data_root=data_root, random_init=True, device=device, num_workers=1, results_dir=results_dir,
+                    cache_dir=os.path.join(out, "cache"))
+    for rec in evaluator.run_methods(cfg, DEMO_METHODS):  # one pass: the five methods share the trunk
         print(format_record(rec).splitlines()[0])
         print("   " + "  ".join(f"{k} {v:.2f}" for k, v in rec.metrics.items()))
     paths = write_report(results_dir)

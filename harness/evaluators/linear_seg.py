@@ -7,7 +7,7 @@ Protocols (``harness/protocols/linear-seg/*.yaml``):
   centre padding to the patch multiple (518 for /14), AdamW 1e-3 / wd 1e-4, poly with 1.5k linear
   warm-up, 40k iterations at global batch 16, sliding-window test 512/341, mmseg IoUMetric semantics.
 * ``fast`` -- one fixed view per image cached in fp16, a learning-rate grid of heads trained together,
-  the best kept on a held-out part of train, whole-image test; its records say ``fast``.
+  the best kept on a held-out part of train, sliding-window test as faithful; its records say ``fast``.
 
 The probe sees ``DenseFeatures.patch`` from the chosen method, so cleaned and uncleaned features of any
 backbone (DINOv2, CLIP with MaskCLIP's value path, ...) are probed the same way.
@@ -29,7 +29,7 @@ from ..probes.common import ProbeRun, require, start_probe_run
 from ..probes.data import (IGNORE_INDEX, AugmentedSamples, IterationBatches, collate, register_transforms,
                            seg_fixed_view_pipeline, seg_test_pipeline, seg_train_pipeline)
 from ..probes.extract import FixedViewSamples, fill_cache
-from ..probes.features import dense_features, padded_grid, resize, slide_logits
+from ..probes.features import dense_features, padded_grid, resize, slide_logits, slide_windows
 from ..probes.heads import HeadBank, LinearSegHead
 from ..probes.schedules import Schedule
 from ..probes.trainer import ProbeTrainer
@@ -40,7 +40,7 @@ TASK = "linear-seg"
 COMMON_KEYS = ("train_split", "test_scale", "optimizer", "schedule", "max_iters", "batch_size", "eval_interval",
                "checkpoint_interval", "log_interval")
 FAITHFUL_KEYS = ("train_scale", "ratio_range", "crop_size", "cat_max_ratio", "flip_prob", "slide_crop", "slide_stride")
-FAST_KEYS = ("crop_size", "holdout_fraction", "select_metric")
+FAST_KEYS = ("crop_size", "slide_crop", "slide_stride", "holdout_fraction", "select_metric")
 
 
 def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -215,17 +215,32 @@ class LinearSegEvaluator(Evaluator):
 
         fill_cache(tr_cache, FixedViewSamples(train_ds, "seg", mean, std, pad_to=crop), featurize, train_fields, bs,
                    cfg.num_workers, cfg.progress, f"cache {run.dataset}/{train_split}")
-        # eval view: the test resize, whole image; original-size labels and the network input size
+        # eval view: the test resize, sliding windows as in faithful (same token grid as the training crops)
         val_ds = self._val_dataset(run, spec)
-        vview = f"whole-{scale[0]}x{scale[1]}"
-        va_cache = FeatureCache(os.path.join(run.cache_root, cache_dir_name(run.cache_fields(run.eval_split, vview, {}))),
-                                run.cache_fields(run.eval_split, vview, {}),
+        win = (int(s["slide_crop"][0]), int(s["slide_crop"][1]))
+        stride = (int(s["slide_stride"][0]), int(s["slide_stride"][1]))
+        vview = f"slide-{scale[0]}x{scale[1]}-{win[0]}x{win[1]}-{stride[0]}x{stride[1]}"
+
+        def featurize_windows(imgs: torch.Tensor) -> Dict[str, torch.Tensor]:
+            boxes = slide_windows(imgs.shape[-2], imgs.shape[-1], win, stride)
+            out = []
+            for img in imgs:
+                windows = torch.stack([img[:, y1:y2, x1:x2] for (y1, y2, x1, x2) in boxes])
+                out.append(torch.cat([dense_features(model, windows[k:k + bs].to(dev)).patch
+                                      for k in range(0, len(boxes), bs)]))
+            return {"patch": torch.stack(out)}
+
+        va_fields = run.cache_fields(run.eval_split, vview, {})
+        va_cache = FeatureCache(os.path.join(run.cache_root, cache_dir_name(va_fields)), va_fields,
                                 {"patch": "float16", "label": "uint8", "img_hw": "int32"})
-        fill_cache(va_cache, FixedViewSamples(val_ds, "seg", mean, std), featurize,
-                   lambda smp: {"label": smp["target"].numpy().astype(np.uint8), "img_hw": smp["img_hw"].numpy()},
-                   bs, cfg.num_workers, cfg.progress, f"cache {run.dataset}/{run.eval_split}")
-        for i in range(len(va_cache)):
-            spec.check_label_values(val_ds.get_data_info(i)["seg_map_path"], va_cache.get(i, "label"))
+
+        def eval_fields(smp: Dict[str, Any]) -> Dict[str, np.ndarray]:
+            label = smp["target"].numpy()
+            spec.check_label_values(smp["ann_path"], label)
+            return {"label": label.astype(np.uint8), "img_hw": smp["img_hw"].numpy()}
+
+        fill_cache(va_cache, FixedViewSamples(val_ds, "seg", mean, std), featurize_windows, eval_fields, 1,
+                   cfg.num_workers, cfg.progress, f"cache {run.dataset}/{run.eval_split}")
         last: Dict[str, Any] = {}
 
         n = len(tr_cache)
@@ -275,11 +290,16 @@ class LinearSegEvaluator(Evaluator):
         acc = IoUAccumulator(spec.num_classes, IGNORE_INDEX)
         with torch.no_grad():
             for i in range(len(va_cache)):
-                feats = torch.from_numpy(np.asarray(va_cache.get(i, "patch"), dtype=np.float32))[None].to(dev)
+                windows = torch.from_numpy(np.asarray(va_cache.get(i, "patch"), dtype=np.float32)).to(dev)
                 label = torch.from_numpy(np.asarray(va_cache.get(i, "label")).astype(np.int64))
-                hw = tuple(int(x) for x in va_cache.get(i, "img_hw"))
-                logits = resize(resize(head(feats), hw), tuple(label.shape))  # to the input, then to ori (mmseg)
-                acc.update(logits.argmax(1)[0].cpu(), label)
+                h, w = (int(x) for x in va_cache.get(i, "img_hw"))
+                logits = torch.zeros(1, spec.num_classes, h, w, device=dev)
+                count = torch.zeros(1, 1, h, w, device=dev)
+                for (y1, y2, x1, x2), f in zip(slide_windows(h, w, win, stride), windows):
+                    logits[:, :, y1:y2, x1:x2] += resize(head(f[None]), (y2 - y1, x2 - x1))
+                    count[:, :, y1:y2, x1:x2] += 1
+                pred = resize(logits / count, tuple(label.shape)).argmax(1)[0]  # mmseg: resize to ori, argmax
+                acc.update(pred.cpu(), label)
         torch.save({"head": head.state_dict(), "in_channels": feat_dim, "num_classes": spec.num_classes,
                     "lr": lrs[best]}, run.artifact("head.pt"))
         artifacts = {**self._write_curves(run, trainer), "head": run.artifact("head.pt"),
@@ -288,9 +308,9 @@ class LinearSegEvaluator(Evaluator):
                  "heldout_images": n_hold, "fit_images": n - n_hold, "feature_dim": feat_dim,
                  "token_grid_train": list(tr_cache.shape(0, "patch")[1:]),
                  "cache_bytes_per_image": {"train": tr_cache.field_nbytes(["patch"]) / max(1, n),
-                                           "eval": va_cache.field_nbytes(["patch"]) / max(1, len(va_cache))},
+                                           "eval (all windows)": va_cache.field_nbytes(["patch"]) / max(1, len(va_cache))},
                  "resumed_from_iter": trainer.resumed_from, "artifacts": artifacts, "inference_batch": bs}
         run.notes.append("fast protocol (not faithful): one fixed view per image, features cached in fp16, "
                          f"{len(lrs)} heads (lr grid) trained together, best by held-out {metric} on "
-                         f"{n_hold} train images; whole-image test at the test scale")
+                         f"{n_hold} train images; sliding-window test at the test scale as in faithful")
         return self._record(run, spec, acc, len(va_cache), extra)

@@ -4,16 +4,18 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
+from ..datasets.base import check_sample_shapes
 from ..errors import DataError
+from ..methods.pamr import pamr
 from ..metrics.segmentation import IoUAccumulator
 from ..models import build_dense_model
-from ..ovss.inference import ImageJob, dense_logits, postprocess
-from ..methods.pamr import pamr
+from ..ovss.inference import ImageJob, dense_logits, postprocess, shared_trunk_features
 from ..protocols import get_protocol
 from ..registry import BACKBONES, DATASETS, EVALUATORS, METHODS
 from ..results.record import RunRecord, read_record, record_path, run_key, write_record
@@ -52,7 +54,16 @@ class OVSSEvaluator(Evaluator):
     """Training-free zero-shot segmentation with a CLIP text tower, mmseg datasets and IoUMetric semantics."""
 
     def run(self, cfg: RunConfig) -> RunRecord:
-        BACKBONES.get(cfg.backbone), METHODS.get(cfg.method)  # unknown names fail before any work
+        return self.run_methods(cfg, [cfg.method])[0]
+
+    def run_methods(self, cfg: RunConfig, methods: Sequence[str]) -> List[RunRecord]:
+        """Evaluate several methods of one backbone in one pass (shared data, text and trunk).
+
+        Returns one record per method; finished records are read back, not recomputed (unless --force).
+        """
+        BACKBONES.get(cfg.backbone)  # unknown names fail before any work
+        for m in methods:
+            METHODS.get(m)
         dist = init_distributed()
         proto = get_protocol("ovss", cfg.protocol)
         spec = DATASETS.get(cfg.dataset)
@@ -61,104 +72,156 @@ class OVSSEvaluator(Evaluator):
         device = select_device(cfg.device, dist)
         names = load_name_set(settings["name_set"], spec.key)
         check_class_count(names, spec.num_classes, f"name set {settings['name_set']!r} for {dataset_name}")
-
         spec.check(cfg.data_root, cfg.split)
-        model = build_dense_model(cfg.backbone, cfg.method, cfg.method_params, cfg.weights, cfg.random_init,
-                                  cfg.allow_download).to(device)
-        if not model.spec.has_text:
+
+        base = build_dense_model(cfg.backbone, methods[0], cfg.method_params if len(methods) == 1 else {},
+                                 cfg.weights, cfg.random_init, cfg.allow_download).to(device)
+        if not base.spec.has_text:
             raise DataError(f"backbone {cfg.backbone!r} has no text tower; zero-shot segmentation needs a CLIP id")
-        key = run_key("ovss", proto.id, proto.version, model.spec.id, model.backbone.weights_id,
-                      model.describe()["method"], model.params, dataset_name, cfg.split, cfg.limit)
-        method_name = str(model.describe()["method"])
-        out_path = record_path(cfg.results_dir, "ovss", proto.id, model.spec.id, method_name, dataset_name, key)
-        if os.path.isfile(out_path) and not cfg.force:
-            return read_record(out_path)
+        models = [base] + [METHODS.get(m)(base.backbone, **({} if len(methods) > 1 else cfg.method_params)).eval()
+                           for m in methods[1:]]
+        jobs: List[_MethodRun] = []
+        records: Dict[int, RunRecord] = {}
+        for i, model in enumerate(models):
+            mname = str(model.describe()["method"])
+            key = run_key("ovss", proto.id, proto.version, model.spec.id, model.backbone.weights_id, mname,
+                          model.params, dataset_name, cfg.split, cfg.limit)
+            path = record_path(cfg.results_dir, "ovss", proto.id, model.spec.id, mname, dataset_name, key)
+            if os.path.isfile(path) and not cfg.force:
+                records[i] = read_record(path)
+            else:
+                jobs.append(_MethodRun(i, model, mname, key, path, IoUAccumulator(spec.num_classes)))
+        if not jobs:
+            return [records[i] for i in range(len(models))]
 
         t0 = time.time()
-        text = class_queries(model, names, settings["templates"], device, cfg.cache_dir)
+        text = class_queries(base, names, settings["templates"], device, cfg.cache_dir)
         ds = spec.build(cfg.data_root, cfg.split, mmseg_pipeline(settings), limit=cfg.limit)
         n_total = len(ds)
         indices = list(range(dist.rank, n_total, dist.world_size))
-        acc = IoUAccumulator(spec.num_classes)
-        partial = out_path + f".partial-rank{dist.rank}.json"
-        done = 0
-        if os.path.isfile(partial) and not cfg.force:
-            with open(partial) as f:
-                state = json.load(f)
-            if state.get("key") == key:
-                acc = IoUAccumulator.from_state_dict(state["acc"])
-                done = int(state["done"])
-        todo = indices[done:]
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, todo), batch_size=IMAGES_PER_STEP,
-                                             num_workers=cfg.num_workers, collate_fn=_collate,
-                                             persistent_workers=False)
-        mean = torch.tensor(model.spec.mean_255, device=device).view(3, 1, 1)
-        std = torch.tensor(model.spec.std_255, device=device).view(3, 1, 1)
+        done = 0 if cfg.force else _load_partials(jobs, dist.rank)
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, indices[done:]),
+                                             batch_size=IMAGES_PER_STEP, num_workers=cfg.num_workers,
+                                             collate_fn=_collate, persistent_workers=False)
         bs = cfg.batch_size or (32 if device.type == "cuda" else 8)
-        bar = progress(total=len(indices), desc=f"{cfg.method}/{dataset_name}", enabled=cfg.progress and dist.is_main)
+        label = ",".join(j.method for j in jobs)
+        bar = progress(total=len(indices), desc=f"{label}/{dataset_name}", enabled=cfg.progress and dist.is_main)
         bar.update(done)
         try:
-            self._loop(loader, model, text, settings, spec, acc, bar, mean, std, device, bs, partial, key, done,
-                       cfg.save_predictions)
+            self._loop(loader, jobs, text, settings, spec, bar, device, bs, dist.rank, done, cfg.save_predictions)
         finally:
             bar.close()
-        acc.all_reduce()
-        m = acc.compute()
+        wall = time.time() - t0
         classes = spec.class_names
-        rec = RunRecord(
-            task="ovss", protocol=proto.id, protocol_version=proto.version, backbone=model.spec.id,
-            weights=model.backbone.weights_id, method=model.describe()["method"], method_params=model.params,
-            dataset=dataset_name, split=cfg.split, data_root=os.path.abspath(cfg.data_root), num_images=n_total,
-            metrics={"mIoU": m["mIoU"], "mAcc": m["mAcc"], "aAcc": m["aAcc"]},
-            per_class={c: {"IoU": iou, "Acc": a} for c, iou, a in zip(classes, m["IoU"], m["Acc"])},
-            settings={**settings, "limit": cfg.limit, "batch_size": bs, "text_cache_hit": text.cache_hit},
-            notes=["metrics x100; IoU accumulated over the split, mIoU = nanmean over classes (mmseg IoUMetric)"]
-            + (["random-init weights: numbers are not meaningful"] if cfg.random_init else []),
-            wall_time_s=time.time() - t0, device=device_description(device), world_size=dist.world_size,
-        )
-        if dist.is_main:
-            write_record(rec, out_path)
-        if os.path.isfile(partial):
-            os.remove(partial)
-        return rec
+        for job in jobs:
+            job.acc.all_reduce()
+            m = job.acc.compute()
+            rec = RunRecord(
+                task="ovss", protocol=proto.id, protocol_version=proto.version, backbone=job.model.spec.id,
+                weights=job.model.backbone.weights_id, method=job.method, method_params=job.model.params,
+                dataset=dataset_name, split=cfg.split, data_root=os.path.abspath(cfg.data_root), num_images=n_total,
+                metrics={"mIoU": m["mIoU"], "mAcc": m["mAcc"], "aAcc": m["aAcc"]},
+                per_class={c: {"IoU": iou, "Acc": a} for c, iou, a in zip(classes, m["IoU"], m["Acc"])},
+                settings={**settings, "limit": cfg.limit, "batch_size": bs, "text_cache_hit": text.cache_hit,
+                          "methods_in_pass": [j.method for j in jobs]},
+                notes=["metrics x100; IoU accumulated over the split, mIoU = nanmean over classes (mmseg IoUMetric)",
+                       f"wall time covers the whole pass of {len(jobs)} method(s) sharing the backbone trunk"]
+                + (["random-init weights: numbers are not meaningful"] if cfg.random_init else []),
+                wall_time_s=wall, device=device_description(device), world_size=dist.world_size,
+            )
+            if dist.is_main:
+                write_record(rec, job.path)
+            if os.path.isfile(job.partial(dist.rank)):
+                os.remove(job.partial(dist.rank))
+            records[job.index] = rec
+        return [records[i] for i in range(len(models))]
 
-    def _loop(self, loader, model, text, settings, spec, acc: IoUAccumulator, bar, mean, std, device, bs: int,
-              partial: str, key: str, done: int, save_dir: Optional[str] = None) -> None:
-        """Segment every image of ``loader`` into ``acc``; saves a partial state periodically and on Ctrl-C."""
+    def _loop(self, loader, jobs: List["_MethodRun"], text, settings, spec, bar, device, bs: int, rank: int,
+              done: int, save_dir: Optional[str] = None) -> None:
+        """Segment every image of ``loader`` for every method; saves partial state periodically and on Ctrl-C."""
+        base = jobs[0].model
+        mean = torch.tensor(base.spec.mean_255, device=device).view(3, 1, 1)
+        std = torch.tensor(base.spec.std_255, device=device).view(3, 1, 1)
+        features = shared_trunk_features([j.model for j in jobs])
         pamr_cfg = settings.get("pamr")
         last_save = time.time()
         try:
             with torch.inference_mode():
                 for batch in loader:
-                    jobs = []
+                    images = []
                     for item in batch:
                         gt = item["gt_seg_map"]
-                        ori = tuple(int(v) for v in item["ori_shape"][:2])
-                        if tuple(gt.shape[:2]) != ori:
-                            raise DataError(
-                                f"label map {item['seg_map_path']} is {gt.shape[1]}x{gt.shape[0]} but its image "
-                                f"{item['img_path']} is {ori[1]}x{ori[0]}: label maps must have the image's size "
-                                "(re-create them with `harness data prepare` or the dataset's official converter)")
-                        jobs.append(ImageJob(normalise(item["img"], mean, std, device), ori))
-                    logits = dense_logits(model, jobs, text.embeddings, settings["mode"], int(settings["crop"]),
+                        check_sample_shapes(item["img_path"], item["seg_map_path"], item["ori_shape"][:2], gt.shape)
+                        images.append(ImageJob(normalise(item["img"], mean, std, device),
+                                               tuple(int(v) for v in item["ori_shape"][:2])))
+                    logits = dense_logits(features, images, text.embeddings, settings["mode"], int(settings["crop"]),
                                           int(settings["stride"]), bs)
-                    for item, job, lg in zip(batch, jobs, logits):
-                        if pamr_cfg:
-                            img = torch.nn.functional.interpolate(job.image[None], size=job.ori_size, mode="bilinear")
-                            lg = pamr(img, lg[None], int(pamr_cfg["steps"]), tuple(pamr_cfg["dilations"]))[0]
-                        pred = postprocess(lg, text.query_class, spec.num_classes, float(settings["logit_scale"]),
-                                           float(settings["prob_thd"] or 0.0), settings.get("area_thd"))
-                        acc.update(pred.cpu(), torch.from_numpy(np.asarray(item["gt_seg_map"]).astype(np.int64)))
-                        if save_dir:
-                            save_prediction(save_dir, item["img_path"], pred)
+                    for n, (item, image) in enumerate(zip(batch, images)):
+                        gt = torch.from_numpy(np.asarray(item["gt_seg_map"]).astype(np.int64))
+                        for job, per_job in zip(jobs, logits):
+                            lg = per_job[n]
+                            if pamr_cfg:
+                                img = torch.nn.functional.interpolate(image.image[None], size=image.ori_size,
+                                                                      mode="bilinear")
+                                lg = pamr(img, lg[None], int(pamr_cfg["steps"]), tuple(pamr_cfg["dilations"]))[0]
+                            pred = postprocess(lg, text.query_class, spec.num_classes, float(settings["logit_scale"]),
+                                               float(settings["prob_thd"] or 0.0), settings.get("area_thd"))
+                            job.acc.update(pred.cpu(), gt)
+                            if save_dir:
+                                sub = save_dir if len(jobs) == 1 else os.path.join(save_dir, job.method)
+                                save_prediction(sub, item["img_path"], pred)
                         done += 1
                     bar.update(len(batch))
                     if time.time() - last_save > CHECKPOINT_EVERY_S:
-                        _save_partial(partial, key, acc, done)
+                        _save_partials(jobs, rank, done)
                         last_save = time.time()
         except KeyboardInterrupt:
-            _save_partial(partial, key, acc, done)
+            _save_partials(jobs, rank, done)
             raise
+
+
+@dataclass
+class _MethodRun:
+    """One method's share of a pass: its model, record key/path and accumulator."""
+
+    index: int
+    model: object
+    method: str
+    key: str
+    path: str
+    acc: IoUAccumulator
+
+    def partial(self, rank: int) -> str:
+        return self.path + f".partial-rank{rank}.json"
+
+
+def _load_partials(jobs: List[_MethodRun], rank: int) -> int:
+    """Resume point: images already done by every method of the pass (0 unless all partials agree)."""
+    states = []
+    for job in jobs:
+        p = job.partial(rank)
+        if not os.path.isfile(p):
+            return 0
+        with open(p) as f:
+            st = json.load(f)
+        if st.get("key") != job.key:
+            return 0
+        states.append(st)
+    if len({int(st["done"]) for st in states}) != 1:
+        return 0
+    for job, st in zip(jobs, states):
+        job.acc = IoUAccumulator.from_state_dict(st["acc"])
+    return int(states[0]["done"])
+
+
+def _save_partials(jobs: List[_MethodRun], rank: int, done: int) -> None:
+    for job in jobs:
+        path = job.partial(rank)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"key": job.key, "done": done, "acc": job.acc.state_dict()}, f)
+        os.replace(tmp, path)
 
 
 def save_prediction(folder: str, img_path: str, pred: torch.Tensor) -> str:
@@ -169,11 +232,3 @@ def save_prediction(folder: str, img_path: str, pred: torch.Tensor) -> str:
     path = os.path.join(folder, os.path.splitext(os.path.basename(img_path))[0] + ".png")
     cv2.imwrite(path, pred.cpu().numpy().astype(np.uint16))
     return path
-
-
-def _save_partial(path: str, key: str, acc: IoUAccumulator, done: int) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"key": key, "done": done, "acc": acc.state_dict()}, f)
-    os.replace(tmp, path)

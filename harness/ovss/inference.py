@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -43,16 +43,33 @@ def autocast_for(device: torch.device):
     return contextlib.nullcontext()
 
 
-def window_logits(model, crops: torch.Tensor, text: torch.Tensor, out_size: Optional[Tuple[int, int]] = None
-                  ) -> torch.Tensor:
-    """Cosine logits (N, Q, h, w) for image crops (N, 3, h, w), upsampled to ``out_size`` (default: crop size)."""
-    with autocast_for(crops.device):
-        feats = model.forward_dense(crops).patch
-    feats = feats.float()
+FeatureFn = Callable[[torch.Tensor], List[torch.Tensor]]
+
+
+def shared_trunk_features(models: Sequence) -> FeatureFn:
+    """Patch features of several methods on one backbone, running the shared trunk only once.
+
+    Every method in the harness changes only the last block, so blocks 1..L-1 (the bulk of the cost)
+    are computed once per batch and each method applies its own last block. A single model, or
+    models on different backbones, fall back to their own ``forward_dense``.
+    """
+    models = list(models)
+    shared = len(models) > 1 and all(m.backbone is models[0].backbone for m in models)
+
+    def run(x: torch.Tensor) -> List[torch.Tensor]:
+        with autocast_for(x.device):
+            if not shared:
+                return [m.forward_dense(x).patch.float() for m in models]
+            bb = models[0].backbone
+            tokens, grid = bb.tokens_before_last_block(x)
+            return [bb.split_tokens(bb.finalize(m.forward_last(tokens, grid)), grid).patch.float() for m in models]
+
+    return run
+
+
+def _cosine(feats: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     feats = feats / feats.norm(dim=1, keepdim=True)
-    logits = torch.einsum("nchw,qc->nqhw", feats, text.float())
-    size = out_size or tuple(crops.shape[-2:])
-    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    return torch.einsum("nchw,qc->nqhw", feats, text.float())
 
 
 @dataclass
@@ -63,52 +80,48 @@ class ImageJob:
     ori_size: Tuple[int, int]
 
 
-def dense_logits(model, jobs: Sequence[ImageJob], text: torch.Tensor, mode: str, crop: int, stride: int,
-                 batch_size: int) -> List[torch.Tensor]:
-    """Logits (Q, H0, W0) at each job's original size, computing all windows of all jobs in shared batches."""
-    if mode == "whole":
-        outs: List[torch.Tensor] = []
-        groups: Dict[Tuple[int, int], List[int]] = {}
-        for i, j in enumerate(jobs):
-            groups.setdefault(tuple(j.image.shape[-2:]), []).append(i)
-        res: Dict[int, torch.Tensor] = {}
-        for idx in groups.values():
-            for c in range(0, len(idx), batch_size):
-                chunk = idx[c:c + batch_size]
-                batch = torch.stack([jobs[i].image for i in chunk])
-                with autocast_for(batch.device):
-                    feats = model.forward_dense(batch).patch.float()
-                feats = feats / feats.norm(dim=1, keepdim=True)
-                lg = torch.einsum("nchw,qc->nqhw", feats, text.float())
-                for k, i in enumerate(chunk):
-                    res[i] = F.interpolate(lg[k:k + 1], size=jobs[i].ori_size, mode="bilinear",
-                                           align_corners=False)[0]
-        for i in range(len(jobs)):
-            outs.append(res[i])
-        return outs
-    if mode != "slide":
-        raise ValueError(f"unknown inference mode {mode!r} (slide or whole)")
+def dense_logits(features: FeatureFn, jobs: Sequence[ImageJob], text: torch.Tensor, mode: str, crop: int,
+                 stride: int, batch_size: int) -> List[List[torch.Tensor]]:
+    """Logits (Q, H0, W0) at each job's original size, per method: ``out[method][job]``.
 
+    All windows of all jobs are grouped by shape and computed in shared batches of ``batch_size``.
+    """
+    if mode not in ("slide", "whole"):
+        raise ValueError(f"unknown inference mode {mode!r} (slide or whole)")
     q = text.shape[0]
-    sums = [torch.zeros(q, *j.image.shape[-2:], device=text.device) for j in jobs]
-    counts = [torch.zeros(1, *j.image.shape[-2:], device=text.device) for j in jobs]
+    # a "whole" image is a single window covering it
+    wins = [slide_windows(j.image.shape[-2], j.image.shape[-1], crop, stride) if mode == "slide"
+            else [(0, j.image.shape[-2], 0, j.image.shape[-1])] for j in jobs]
     pending: Dict[Tuple[int, int], List[Tuple[int, Window]]] = {}
-    for i, j in enumerate(jobs):
-        for win in slide_windows(j.image.shape[-2], j.image.shape[-1], crop, stride):
+    for i, ws in enumerate(wins):
+        for win in ws:
             pending.setdefault((win[1] - win[0], win[3] - win[2]), []).append((i, win))
+    sums: Optional[List[List[torch.Tensor]]] = None
+    counts = [torch.zeros(1, *j.image.shape[-2:], device=text.device) for j in jobs]
     for items in pending.values():
         for c in range(0, len(items), batch_size):
             chunk = items[c:c + batch_size]
             crops = torch.stack([jobs[i].image[:, y1:y2, x1:x2] for i, (y1, y2, x1, x2) in chunk])
-            lg = window_logits(model, crops, text)
+            per_method = [_cosine(f, text) for f in features(crops)]
+            if mode == "slide":  # windows of one group share their shape: upsample the chunk at once
+                per_method = [F.interpolate(lg, size=crops.shape[-2:], mode="bilinear", align_corners=False)
+                              for lg in per_method]
+            if sums is None:
+                sums = [[torch.zeros(q, *j.image.shape[-2:], device=text.device) for j in jobs] for _ in per_method]
             for k, (i, (y1, y2, x1, x2)) in enumerate(chunk):
-                sums[i][:, y1:y2, x1:x2] += lg[k]
+                if mode == "whole":  # SCLIP forward_feature(img, ori_shape): grid -> original size directly
+                    for m, lg in enumerate(per_method):
+                        sums[m][i] = F.interpolate(lg[k:k + 1], size=jobs[i].ori_size, mode="bilinear",
+                                                   align_corners=False)[0]
+                    continue
+                for m, lg in enumerate(per_method):
+                    sums[m][i][:, y1:y2, x1:x2] += lg[k]
                 counts[i][:, y1:y2, x1:x2] += 1
-    outs = []
-    for i, j in enumerate(jobs):
-        m = (sums[i] / counts[i]).unsqueeze(0)
-        outs.append(F.interpolate(m, size=j.ori_size, mode="bilinear", align_corners=False)[0])
-    return outs
+    assert sums is not None
+    if mode == "whole":
+        return sums
+    return [[F.interpolate((s / cnt).unsqueeze(0), size=j.ori_size, mode="bilinear", align_corners=False)[0]
+             for s, cnt, j in zip(per_job, counts, jobs)] for per_job in sums]
 
 
 def postprocess(logits: torch.Tensor, query_class: torch.Tensor, num_classes: int, logit_scale: float,

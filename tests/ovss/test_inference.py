@@ -53,7 +53,8 @@ def test_batched_slide_equals_naive_loop():
     imgs = [torch.randn(3, 96, 160), torch.randn(3, 96, 130), torch.randn(3, 64, 64)]
     oris = [(120, 200), (50, 70), (64, 64)]
     jobs = [ImageJob(i, o) for i, o in zip(imgs, oris)]
-    ours = dense_logits(model, jobs, text, "slide", crop=64, stride=32, batch_size=3)
+    ours = dense_logits(lambda x: [model.forward_dense(x).patch], jobs, text, "slide", crop=64, stride=32,
+                        batch_size=3)[0]
     for got, img, ori in zip(ours, imgs, oris):
         ref = _naive_slide(model, img, text, 64, 32, ori)
         assert got.shape == ref.shape
@@ -64,10 +65,26 @@ def test_whole_mode_upsamples_grid_to_original_size():
     model = _Toy()
     text = F.normalize(torch.randn(2, 3), dim=-1)
     img = torch.randn(3, 64, 96)
-    out = dense_logits(model, [ImageJob(img, (30, 50))], text, "whole", 0, 0, 4)[0]
+    out = dense_logits(lambda x: [model.forward_dense(x).patch], [ImageJob(img, (30, 50))], text, "whole", 0, 0,
+                       4)[0][0]
     f = F.normalize(F.avg_pool2d(img[None], 16), dim=1)
     ref = F.interpolate(torch.einsum("nchw,qc->nqhw", f, text), size=(30, 50), mode="bilinear", align_corners=False)
     assert torch.allclose(out, ref[0], atol=1e-6)
+
+
+def test_shared_trunk_equals_separate_forwards():
+    """Several methods on one backbone: trunk computed once, same features as each model alone."""
+    from harness.models import build_dense_model
+    from harness.ovss.inference import shared_trunk_features
+    from harness.registry import METHODS
+
+    base = build_dense_model("clip-b16-openai", "clip", random_init=True)
+    models = [base] + [METHODS.get(m)(base.backbone).eval() for m in ("maskclip", "naclip")]
+    x = torch.randn(2, 3, 48, 64)
+    with torch.no_grad():
+        shared = shared_trunk_features(models)(x)
+        for m, f in zip(models, shared):
+            assert torch.allclose(f, m.forward_dense(x).patch, atol=1e-5)
 
 
 def test_postprocess_hand_computed():

@@ -1,0 +1,154 @@
+"""`harness run ovss` end to end on generated data in the real layouts, checked against mmseg's IoUMetric.
+
+The reference side is independent of the harness pipeline: ground truth is read from the raw label
+PNGs with Pillow and ``reduce_zero_label`` is applied by hand (0 -> 255, then -1), and the metric is
+mmseg's own ``IoUMetric`` fed with the prediction PNGs the run saved.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from harness.cli import main
+from harness.registry import DATASETS
+from harness.results.record import load_records
+
+# a protocol small enough for CPU tests: same code path as phreg, tiny resolution, one template
+TEST_PROTOCOL = {
+    "id": "test-small", "version": 1, "task": "ovss", "description": "tiny CPU protocol for tests",
+    "source": "tests", "defaults": {"mode": "slide", "crop": 64, "stride": 32, "max_long_side": 2048,
+                                    "resize": 72, "logit_scale": 40, "prob_thd": 0.0, "area_thd": None,
+                                    "pamr": None, "name_set": "sclip", "templates": "test_one"},
+    "datasets": {"voc21": {"prob_thd": 0.1}, "voc20": {}, "context59": {"mode": "whole"},
+                 "ade20k": {"area_thd": 0.05}},
+}
+
+
+@pytest.fixture()
+def one_template(monkeypatch):
+    from harness.text import templates
+
+    monkeypatch.setitem(templates.TEMPLATE_SETS, "test_one", ["a photo of a {}."])
+
+
+def _mmseg_reference(pred_dir: str, spec, root: str, split: str = "val"):
+    from harness.compat.mmcv_ops import import_mmseg
+
+    import_mmseg()
+    from mmseg.evaluation import IoUMetric
+
+    metric = IoUMetric(iou_metrics=["mIoU"])
+    metric.dataset_meta = {"classes": spec.class_names}
+    lay = spec.split(split)
+    for img_id in spec.image_ids(root, split):
+        raw = np.array(Image.open(os.path.join(root, lay.ann_dir, img_id + spec.seg_map_suffix)))
+        gt = raw.astype(np.int64)
+        if spec.reduce_zero_label:  # by hand, as mmseg's LoadAnnotations does
+            gt[gt == 0] = 255
+            gt = gt - 1
+            gt[gt == 254] = 255
+        pred = np.array(Image.open(os.path.join(pred_dir, os.path.basename(img_id) + ".png"))).astype(np.int64)
+        assert pred.shape == gt.shape
+        metric.process({}, [{"pred_sem_seg": {"data": torch.from_numpy(pred)[None]},
+                             "gt_sem_seg": {"data": torch.from_numpy(gt)[None]}}])
+    return metric.compute_metrics(metric.results)
+
+
+@pytest.mark.parametrize("dataset", ["voc21", "voc20", "context59", "ade20k"])
+def test_run_matches_mmseg_iou_metric(dataset, tmp_path, one_template, monkeypatch):
+    from harness.datasets.synthetic import write_synthetic_dataset
+
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    root = write_synthetic_dataset(dataset, str(tmp_path / "data"), num_images=3, size=(60, 80), seed=1)
+    proto = tmp_path / "proto.yaml"
+    proto.write_text(yaml.safe_dump(TEST_PROTOCOL))
+    preds = tmp_path / "preds"
+    rc = main(["run", "ovss", "--backbone", "clip-b16-openai", "--method", "naclip", "--dataset", dataset,
+               "--data-root", root, "--random-init", "--protocol", str(proto), "--workers", "0",
+               "--results-dir", str(tmp_path / "results"), "--save-predictions", str(preds), "--no-progress"])
+    assert rc == 0
+    (rec,) = load_records(str(tmp_path / "results"))
+    spec = DATASETS.get(dataset)
+    ref = _mmseg_reference(str(preds), spec, root)
+    assert rec.num_images == 3 and rec.protocol == "test-small" and rec.weights == "random-init"
+    # mmseg rounds to 2 decimals
+    for k in ("mIoU", "mAcc", "aAcc"):
+        assert abs(round(rec.metrics[k], 2) - ref[k]) < 1e-6, (k, rec.metrics[k], ref[k])
+    if spec.reduce_zero_label:
+        assert len(rec.per_class) == spec.num_classes
+
+
+def test_rerun_skips_finished_record_and_force_recomputes(tmp_path, one_template, monkeypatch):
+    from harness.datasets.synthetic import write_synthetic_dataset
+
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    root = write_synthetic_dataset("voc21", str(tmp_path / "data"), num_images=2, size=(60, 80))
+    proto = tmp_path / "proto.yaml"
+    proto.write_text(yaml.safe_dump(TEST_PROTOCOL))
+    args = ["run", "ovss", "--backbone", "clip-b16-openai", "--method", "clip,maskclip", "--dataset", "voc21",
+            "--data-root", root, "--random-init", "--protocol", str(proto), "--workers", "0",
+            "--results-dir", str(tmp_path / "results"), "--no-progress"]
+    assert main(args) == 0
+    recs = {r.method: r for r in load_records(str(tmp_path / "results"))}
+    assert set(recs) == {"clip", "maskclip"}
+    created = recs["clip"].created
+    assert main(args) == 0  # finished: records are read back, not recomputed
+    again = {r.method: r for r in load_records(str(tmp_path / "results"))}
+    assert again["clip"].created == created and len(again) == 2
+    assert recs["clip"].settings["methods_in_pass"] == ["clip", "maskclip"]  # one shared pass
+    assert main(args[:-1] + ["--force", "--no-progress"]) == 0
+    forced = {r.method: r for r in load_records(str(tmp_path / "results"))}
+    assert forced["clip"].created >= created and forced["clip"].settings["text_cache_hit"] is True
+    assert forced["clip"].metrics == recs["clip"].metrics
+
+
+def test_interrupted_run_resumes_from_partial_state(tmp_path, one_template, monkeypatch):
+    """Ctrl-C mid-run keeps a partial accumulator; the next run continues and ends with the same numbers."""
+    from harness.datasets.synthetic import write_synthetic_dataset
+    from harness.evaluators import ovss
+
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(ovss, "IMAGES_PER_STEP", 1)
+    root = write_synthetic_dataset("voc21", str(tmp_path / "data"), num_images=4, size=(60, 80), seed=3)
+    proto = tmp_path / "proto.yaml"
+    proto.write_text(yaml.safe_dump(TEST_PROTOCOL))
+
+    def args(results):
+        return ["run", "ovss", "--backbone", "clip-b16-openai", "--method", "sclip", "--dataset", "voc21",
+                "--data-root", root, "--random-init", "--protocol", str(proto), "--workers", "0",
+                "--results-dir", str(tmp_path / results), "--no-progress"]
+
+    assert main(args("clean")) == 0
+    (clean,) = load_records(str(tmp_path / "clean"))
+
+    real = ovss.postprocess
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(ovss, "postprocess", flaky)
+    assert main(args("resumed")) == 130
+    partials = [f for _, _, fs in os.walk(tmp_path / "resumed") for f in fs if ".partial-" in f]
+    assert len(partials) == 1
+    monkeypatch.setattr(ovss, "postprocess", real)
+    seen = {"n": 0}
+
+    def counting(*a, **k):
+        seen["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(ovss, "postprocess", counting)
+    assert main(args("resumed")) == 0
+    assert seen["n"] == 2  # only the two images not finished before the interrupt
+    (resumed,) = load_records(str(tmp_path / "resumed"))
+    assert resumed.metrics == clean.metrics
+    assert not [f for _, _, fs in os.walk(tmp_path / "resumed") for f in fs if ".partial-" in f]
