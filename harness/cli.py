@@ -68,6 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--save-predictions", default=None, metavar="DIR",
                    help="ovss: also write each prediction as a PNG of class indices into DIR")
 
+    su = sub.add_parser("suite", help="run a matrix of backbones x methods x datasets from a YAML file",
+                        description="Run every combination listed in a suite file (see configs/).")
+    su.add_argument("file")
+    su.add_argument("--data-dir", required=True, help="folder the suite's dataset roots are relative to")
+    for flag in ("--random-init", "--force", "--no-progress", "--download"):
+        su.add_argument(flag, action="store_true")
+    su.add_argument("--limit", type=int, default=None)
+    su.add_argument("--device", default="auto")
+    su.add_argument("--workers", type=int, default=2)
+    su.add_argument("--batch-size", type=int, default=0)
+    su.add_argument("--results-dir", default="results")
+    su.add_argument("--cache-dir", default=None)
+
     ls = sub.add_parser("list", help="list registered names")
     ls.add_argument("kind", choices=KINDS)
 
@@ -124,6 +137,42 @@ def cmd_run(a: argparse.Namespace) -> int:
                 recs.append(evaluator.run(cfg))
         for rec in recs:
             print(format_record(rec))
+    return 0
+
+
+def cmd_suite(a: argparse.Namespace) -> int:
+    """Expand a suite YAML (task, protocol, backbones, methods, datasets: {name: root}) into runs."""
+    import yaml
+
+    from .errors import ConfigError
+
+    try:
+        with open(a.file) as f:
+            suite = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read suite file {a.file}: {e}") from e
+    need = ("task", "backbones", "methods", "datasets")
+    if not isinstance(suite, dict) or any(k not in suite for k in need):
+        raise ConfigError(f"suite file {a.file} must define {', '.join(need)} (see configs/)")
+    unknown = set(suite) - {*need, "protocol"}
+    if unknown:
+        raise ConfigError(f"suite file {a.file}: unknown key(s) {', '.join(sorted(unknown))}")
+    datasets = dict(suite["datasets"])
+    for backbone in suite["backbones"]:
+        args = ["run", str(suite["task"]), "--backbone", backbone, "--method", ",".join(suite["methods"]),
+                "--dataset", ",".join(datasets),
+                "--data-root", ",".join(os.path.join(a.data_dir, r) for r in datasets.values()),
+                "--device", a.device, "--workers", str(a.workers), "--batch-size", str(a.batch_size),
+                "--results-dir", a.results_dir]
+        if suite.get("protocol"):
+            args += ["--protocol", str(suite["protocol"])]
+        if a.limit:
+            args += ["--limit", str(a.limit)]
+        if a.cache_dir:
+            args += ["--cache-dir", a.cache_dir]
+        args += [f for f, on in (("--random-init", a.random_init), ("--force", a.force),
+                                 ("--no-progress", a.no_progress), ("--download", a.download)) if on]
+        cmd_run(build_parser().parse_args(args))
     return 0
 
 
@@ -223,7 +272,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return run_demo(a.out, a.images, a.device)
 
 
-COMMANDS = {"run": cmd_run, "list": cmd_list, "data": cmd_data, "report": cmd_report, "demo": cmd_demo}
+COMMANDS = {"run": cmd_run, "suite": cmd_suite, "list": cmd_list, "data": cmd_data, "report": cmd_report,
+            "demo": cmd_demo}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -13,7 +13,7 @@ without knowing which library built the model:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -165,12 +165,7 @@ class DenseModel(nn.Module):
         return self.forward_dense(x)
 
     def describe(self) -> Dict[str, object]:
-        return {"method": getattr(type(self), "registry_name", type(self).__name__), "params": dict(self.params)}
+        """Method name, tunable parameters and (for last-block methods) the fixed block configuration."""
+        return {"method": getattr(type(self), "registry_name", type(self).__name__), "params": dict(self.params),
+                "config": dict(getattr(self, "CONFIG", {}))}
 
-
-def patch_grid(size_hw: Sequence[int], patch: int) -> Tuple[int, int]:
-    return int(size_hw[0]) // patch, int(size_hw[1]) // patch
-
-
-def optional_int(x: Optional[int], default: int) -> int:
-    return default if x is None else int(x)

@@ -29,6 +29,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: extra ``timm.create_model`` keyword arguments per backbone id (test models shrink an architecture)
 TIMM_MODEL_KWARGS: Dict[str, Dict[str, Any]] = {}
+#: torch seed for building the architecture, so that a ``--random-init`` model is the same model in every
+#: process (feature caches and resumed probe runs rely on it); the caller's RNG state is left untouched
+RANDOM_INIT_SEED = 0
 
 
 def timm_spec(id: str, arch: str, tag: str, patch: int, native: int, registers: int, description: str,
@@ -64,7 +67,9 @@ def _create_timm_vit(spec: BackboneSpec) -> nn.Module:
 
     kwargs: Dict[str, Any] = dict(pretrained=False, num_classes=0, dynamic_img_size=True, img_size=spec.native_size)
     kwargs.update(TIMM_MODEL_KWARGS.get(spec.id, {}))
-    model = timm.create_model(spec.arch, **kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        model = timm.create_model(spec.arch, **kwargs)
     n_reg = int(getattr(model, "num_reg_tokens", 0) or 0)
     if n_reg != spec.num_registers or getattr(model, "cls_token", None) is None:
         raise WeightsError(f"backbone {spec.id!r}: timm model {spec.arch} has {n_reg} registers and "

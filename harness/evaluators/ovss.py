@@ -123,7 +123,8 @@ class OVSSEvaluator(Evaluator):
                 metrics={"mIoU": m["mIoU"], "mAcc": m["mAcc"], "aAcc": m["aAcc"]},
                 per_class={c: {"IoU": iou, "Acc": a} for c, iou, a in zip(classes, m["IoU"], m["Acc"])},
                 settings={**settings, "limit": cfg.limit, "batch_size": bs, "text_cache_hit": text.cache_hit,
-                          "methods_in_pass": [j.method for j in jobs]},
+                          "methods_in_pass": [j.method for j in jobs],
+                          "method_config": job.model.describe()["config"]},
                 notes=["metrics x100; IoU accumulated over the split, mIoU = nanmean over classes (mmseg IoUMetric)",
                        f"wall time covers the whole pass of {len(jobs)} method(s) sharing the backbone trunk"]
                 + (["random-init weights: numbers are not meaningful"] if cfg.random_init else []),

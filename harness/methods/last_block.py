@@ -61,7 +61,7 @@ class LastBlockMethod(DenseModel):
             valid = ", ".join(sorted(self.PARAMS)) or "none"
             raise ConfigError(f"method {name!r} has no parameter(s) {', '.join(unknown)}; valid: {valid}")
         merged = {**self.PARAMS, **params}
-        super().__init__(backbone, **{**self.CONFIG, **merged})
+        super().__init__(backbone, **merged)  # records keep the tunable parameters; CONFIG follows from the name
         self.kernel = str(self.CONFIG["kernel"])
         if self.kernel not in KERNELS:
             raise ConfigError(f"unknown attention kernel {self.kernel!r}; one of {', '.join(KERNELS)}")

@@ -17,7 +17,6 @@ from typing import List, Sequence
 import torch
 import torch.nn.functional as F
 
-
 _OFFSETS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
 
 
@@ -34,7 +33,8 @@ def _neighbours(x: torch.Tensor, dilations: Sequence[int], with_centre: bool) ->
 
 
 @torch.no_grad()
-def pamr(image: torch.Tensor, mask: torch.Tensor, num_iter: int = 10, dilations: Sequence[int] = (8, 16)) -> torch.Tensor:
+def pamr(image: torch.Tensor, mask: torch.Tensor, num_iter: int = 10,
+         dilations: Sequence[int] = (8, 16)) -> torch.Tensor:
     """Refine ``mask`` (B, C, H, W) with the affinities of ``image`` (B, K, H, W) of the same size."""
     if mask.shape[-2:] != image.shape[-2:]:
         mask = F.interpolate(mask, size=image.shape[-2:], mode="bilinear", align_corners=True)

@@ -30,6 +30,22 @@ from ..runtime import device_description, select_device
 MODES = ("faithful", "fast")
 
 
+def weights_identity(model: DenseModel) -> str:
+    """The weights hash, or for ``random-init`` a digest of the actual random tensors.
+
+    Why: "random-init" names no particular tensors; a cache written by one random model must never be
+    read with features of another (a family that does not seed its random init would otherwise mix them).
+    """
+    wid = str(model.backbone.weights_id)
+    if wid != "random-init":
+        return wid
+    h = hashlib.sha256()
+    for name, t in sorted(model.backbone.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return "random-init:" + h.hexdigest()[:16]
+
+
 def require(settings: Dict[str, Any], keys: Sequence[str], where: str) -> None:
     """Raise a :class:`ConfigError` naming the protocol file when settings lack ``keys``."""
     missing = [k for k in keys if k not in settings]
@@ -83,7 +99,7 @@ class ProbeRun:
     def cache_fields(self, split: str, view: str, extra: Dict[str, Any]) -> Dict[str, Any]:
         """What a feature cache's content depends on (probes.md §4.2 / issue: backbone, method, weights, ...)."""
         return {"backbone": self.model.spec.id, "method": self.method_name, "method_params": self.model.params,
-                "weights": self.model.backbone.weights_id, "dataset": self.dataset, "split": split, "view": view,
+                "weights": weights_identity(self.model), "dataset": self.dataset, "split": split, "view": view,
                 "data_root": os.path.abspath(self.cfg.data_root), "limit": self.cfg.limit, **extra}
 
     @property
