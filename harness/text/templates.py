@@ -40,7 +40,11 @@ def _openai_imagenet_templates() -> List[str]:
 
 
 #: template-set name -> format strings with one ``{}`` slot for the class name
-TEMPLATE_SETS: Dict[str, List[str]] = {"openai_imagenet_80": _openai_imagenet_templates()}
+TEMPLATE_SETS: Dict[str, List[str]] = {
+    "openai_imagenet_80": _openai_imagenet_templates(),
+    # GEM's single prompt (WalBouss/GEM; shared/reference/ovss.md §2.5); also a cheap set for CPU tests
+    "gem_single": ["a photo of a {}."],
+}
 
 
 def _get(template_set: str) -> List[str]:
