@@ -155,7 +155,7 @@ def test_every_method_builds_on_random_init_clip(method, clip_backbone):
 def test_every_backbone_spec_is_complete(backbone_id):
     spec = BACKBONES.get(backbone_id)
     assert spec.id == backbone_id
-    assert isinstance(spec.patch_size, int) and spec.patch_size in (14, 16)
+    assert isinstance(spec.patch_size, int) and spec.patch_size > 0
     assert isinstance(spec.native_size, int) and spec.native_size % spec.patch_size == 0
     for stats in (spec.mean, spec.std):
         assert len(stats) == 3 and all(0.0 < v < 1.0 for v in stats)

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from ..errors import ConfigError, DataError
 from ..metrics.segmentation import IoUAccumulator
 from ..probes.cache import FeatureCache, cache_dir_name
-from ..probes.common import ProbeRun, require, start_probe_run
+from ..probes.common import ProbeRun, require, seeded, start_probe_run
 from ..probes.data import (IGNORE_INDEX, AugmentedSamples, IterationBatches, collate, register_transforms,
                            seg_fixed_view_pipeline, seg_test_pipeline, seg_train_pipeline)
 from ..probes.extract import FixedViewSamples, fill_cache
@@ -128,7 +128,8 @@ class LinearSegEvaluator(Evaluator):
         val_ds = self._val_dataset(run, spec)
         feat_dim = int(model.forward_dense(torch.zeros(1, 3, model.spec.patch_size, model.spec.patch_size,
                                                        device=dev)).patch.shape[1])
-        head = LinearSegHead(feat_dim, spec.num_classes).to(dev)
+        with seeded(cfg.seed):
+            head = LinearSegHead(feat_dim, spec.num_classes).to(dev)
         heads = HeadBank([head])
         names = [lr_name(lrs[0])]
         trainer = self._trainer(run, heads, names, lrs, {"mode": "faithful"}, f"{TASK} {run.dataset}")
@@ -251,7 +252,8 @@ class LinearSegEvaluator(Evaluator):
         perm = np.random.default_rng([cfg.seed, 1]).permutation(n)
         hold_idx, fit_idx = sorted(perm[:n_hold].tolist()), perm[n_hold:].tolist()
         feat_dim = int(tr_cache.shape(0, "patch")[0])
-        heads = HeadBank([LinearSegHead(feat_dim, spec.num_classes) for _ in lrs]).to(dev)
+        with seeded(cfg.seed):
+            heads = HeadBank([LinearSegHead(feat_dim, spec.num_classes) for _ in lrs]).to(dev)
         names = [lr_name(lr) for lr in lrs]
         trainer = self._trainer(run, heads, names, lrs, {"mode": "fast", "cache": tr_cache.path},
                                 f"{TASK} fast {run.dataset}")

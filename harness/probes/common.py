@@ -9,12 +9,13 @@ Artifacts of a run live next to its record ``<stem>.json``:
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -28,6 +29,14 @@ from ..results.record import RunRecord, read_record, record_path, run_key, write
 from ..runtime import device_description, select_device
 
 MODES = ("faithful", "fast")
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed torch's CPU generator for a block (head initialisation) and restore the caller's state after."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        yield
 
 
 def weights_identity(model: DenseModel) -> str:

@@ -174,7 +174,7 @@ class ProbeTrainer:
                 if it % self.checkpoint_interval == 0 and it < self.max_iters:
                     self.save()
                 bar.update(1)
-                bar.set_postfix(loss=f"{min(float(x) for x in losses):.4f}", refresh=False)
+                bar.set_postfix(loss=f"{min(float(x.detach()) for x in losses):.4f}", refresh=False)
                 if self.kill_after is not None and it >= self.kill_after:
                     raise SimulatedKill(f"simulated kill after {it} iterations")
                 if self._stop:

@@ -40,10 +40,11 @@ def random_model():
 
 
 @pytest.fixture(scope="module")
-def weights_file(random_model, tmp_path_factory) -> Path:
+def weights_file(random_model, tmp_path_factory):
     path = tmp_path_factory.mktemp("weights") / "clip-b16-random.pt"
     torch.save(random_model.backbone.model.state_dict(), path)
-    return path
+    yield path
+    path.unlink()  # ~600 MB: do not leave it in pytest's kept temp folders
 
 
 @pytest.fixture(scope="module")
@@ -192,10 +193,11 @@ def test_encode_text_shortcut_equals_full_77_token_pass(random_model):
     with torch.no_grad():
         ours = bb.encode_text(tokens)
         full = bb.model.encode_text(tokens)
-        one_by_one = torch.cat([bb.encode_text(tokens[i:i + 1]) for i in range(len(PROMPTS))])
+        alone = {i: bb.encode_text(tokens[i:i + 1])[0] for i in (1, 3)}  # shortest and longest prompt
     assert ours.shape == (len(PROMPTS), 512)
     assert (ours - full).abs().max().item() < 1e-5
-    assert (one_by_one - full).abs().max().item() < 1e-5  # cut at each prompt's own length
+    for i, e in alone.items():  # cut at the prompt's own length
+        assert (e - full[i]).abs().max().item() < 1e-5
 
 
 def test_tokenizer_is_open_clips(random_model):

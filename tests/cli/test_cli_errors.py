@@ -23,9 +23,10 @@ from harness.datasets.synthetic import write_synthetic_dataset
 
 CLIP_REPO_DIR = "models--timm--vit_base_patch16_clip_224.openai"
 FETCH = "huggingface-cli download timm/vit_base_patch16_clip_224.openai"
+REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Dict[str, Path]:
     """Empty HF / clip / harness caches under tmp_path; offline."""
     paths = {"hf_home": tmp_path / "hf", "hub": tmp_path / "hf" / "hub", "home": tmp_path / "home",
@@ -60,7 +61,7 @@ def assert_one_error(rc: int, err: str, out: str = "") -> str:
     assert err.count("harness: error:") == 1, err
     assert err.count("harness:") == 1, err  # no second, "unexpected" message either
     assert len(err) < 2000, err  # concise
-    assert "harness: error" not in out
+    assert out.strip() == "", out  # nothing half-done reported on stdout
     return err[err.index("harness: error:"):]
 
 
@@ -72,7 +73,8 @@ def cli(capsys: pytest.CaptureFixture, args: List[str]) -> tuple:
 
 def subprocess_cli(args: List[str], env: Dict[str, Path], cwd: Path) -> subprocess.CompletedProcess:
     e = dict(os.environ, HF_HOME=str(env["hf_home"]), HF_HUB_CACHE=str(env["hub"]), HOME=str(env["home"]),
-             HARNESS_CACHE=str(env["cache"]), HF_HUB_OFFLINE="1")
+             HARNESS_CACHE=str(env["cache"]), HF_HUB_OFFLINE="1",
+             PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True, text=True, env=e,
                           cwd=str(cwd), timeout=120)
 
@@ -180,17 +182,17 @@ def test_unknown_task_is_an_argparse_error(capsys, env, tmp_path):
 
 
 # -- --debug ------------------------------------------------------------------------------------
-def test_debug_propagates_the_exception(capsys, env, tmp_path):
+def test_debug_propagates_the_exception(capsys, env, tmp_path, voc_root):
+    from harness.errors import DataError, WeightsError
     from harness.registry import RegistryError
 
-    args = run_args(tmp_path, env, backbone="clip-b16-opnai")
     with pytest.raises(RegistryError, match="clip-b16-openai"):
-        main(["--debug", *args])
-    with pytest.raises(Exception) as exc:  # a data error too
+        main(["--debug", *run_args(tmp_path, env, backbone="clip-b16-opnai")])
+    with pytest.raises(DataError, match="does not exist"):
         main(["--debug", *run_args(tmp_path / "missing", env)])
-    from harness.errors import DataError
-
-    assert isinstance(exc.value, DataError)
+    with pytest.raises(WeightsError, match="--random-init"):
+        main(["--debug", *run_args(voc_root, env, random_init=False)])
+    assert "harness: error" not in capsys.readouterr().err
 
 
 def test_debug_subprocess_prints_traceback(env, tmp_path):
@@ -228,7 +230,9 @@ def test_help_does_not_import_torch(tmp_path):
             "except SystemExit as e:\n"
             "    assert e.code == 0, e.code\n"
             "print('torch' in sys.modules)\n")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path), timeout=60)
+    e = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path), env=e,
+                       timeout=60)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip().splitlines()[-1] == "False"
     assert "usage: harness" in p.stdout

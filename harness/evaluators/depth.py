@@ -1,0 +1,307 @@
+"""Linear-probe monocular depth on NYUv2 (task ``depth``), AdaBins style, as DINOv2 "lin. 1" / DVT.
+
+Head (probes.md §2.1, phreg-dvt.md §2.4): last-layer final-norm patch features of the chosen method
+concatenated with the broadcast CLS token, x4 bilinear upsampling, 1x1 conv to 256 bins uniform on
+[0.001, 10] m, p = (ReLU(z) + 0.1) / sum, depth = sum p·bins, resized to the input size. Loss: SigLoss
+(lambda 0.85, warm-up 100 iterations) + 0.5 x a *spatial* multi-scale gradient loss (``probes/losses.py``).
+Test: the 654 official frames at 480x640, prediction averaged with the un-flipped prediction of the
+flipped frame, Eigen crop, 0.001 < d < 10; metrics per image, averaged over images.
+
+Protocols: ``faithful`` (DVT's NYU recipe: NYUCrop, rotation, flip, random crop 416x544, colour
+augmentation; AdamW 5e-3, wd 0.01, grad clip 35, cosine with 12.8k warm-up and one-cycle momentum,
+38.4k iterations at batch 16) and ``fast`` (cached fixed views, a learning-rate grid, best head on a
+held-out part of train by ``abs_rel``).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from ..errors import ConfigError, DataError
+from ..metrics.depth import DEPTH_METRICS, LOWER_IS_BETTER, DepthAccumulator
+from ..probes.cache import FeatureCache, cache_dir_name
+from ..probes.common import ProbeRun, require, seeded, start_probe_run
+from ..probes.data import (AugmentedSamples, IterationBatches, collate, depth_fixed_view_pipeline,
+                           depth_test_pipeline, depth_train_pipeline, register_transforms)
+from ..probes.extract import FixedViewSamples, fill_cache
+from ..probes.features import dense_features, depth_flip_average, depth_from_features, resize
+from ..probes.heads import DepthBinsHead, HeadBank, depth_head_input
+from ..probes.losses import GRADIENT_LOSS_WEIGHT, SIGLOSS_WARM_ITERS, SIGLOSS_WEIGHT, depth_loss
+from ..probes.schedules import Schedule
+from ..probes.trainer import ProbeTrainer
+from ..registry import DATASETS, EVALUATORS
+from .base import Evaluator, RunConfig
+
+TASK = "depth"
+COMMON_KEYS = ("train_split", "depth_rescale_factor", "min_depth", "max_depth", "eigen_crop", "flip_test",
+               "crop_size", "optimizer", "schedule", "max_iters", "batch_size", "eval_interval",
+               "checkpoint_interval", "log_interval", "n_bins", "upsample")
+FAITHFUL_KEYS = ("rotate_prob", "rotate_degree", "flip_prob", "color_prob", "gamma_range", "brightness_range",
+                 "color_range")
+FAST_KEYS = ("holdout_fraction", "select_metric")
+#: record metric names: the toolbox's a1/a2/a3 are called delta1..3 here (issue: leaderboard names)
+RECORD_METRICS = ("rmse", "abs_rel", "sq_rel", "rmse_log", "log10", "silog", "delta1", "delta2", "delta3")
+
+
+def lr_name(lr: float) -> str:
+    return f"lr={lr:g}"
+
+
+@EVALUATORS.register(TASK)
+class DepthEvaluator(Evaluator):
+    """NYUv2 linear depth probe (AdaBins-style bins head; ``faithful`` DVT recipe or ``fast`` cached)."""
+
+    def run(self, cfg: RunConfig) -> Any:
+        run = start_probe_run(cfg, TASK, default_eval_split="test")
+        if run.existing is not None:
+            return run.existing
+        require(run.settings, COMMON_KEYS + (FAITHFUL_KEYS if run.mode == "faithful" else FAST_KEYS), run.where)
+        register_transforms()
+        spec = DATASETS.get(run.dataset)
+        if spec.num_classes != 0 or spec.mmseg_type != "NYUDataset":
+            raise ConfigError(f"the depth probe needs a depth dataset (nyu); {run.dataset!r} is not one")
+        train_split = str(run.settings["train_split"])
+        if train_split not in spec.splits:
+            raise ConfigError(f"protocol {run.where}: dataset {run.dataset!r} has no split {train_split!r}")
+        if run.mode == "fast" and str(run.settings["select_metric"]) not in DEPTH_METRICS:
+            raise ConfigError(f"protocol {run.where}: select_metric must be one of {', '.join(DEPTH_METRICS)}")
+        if run.mode == "faithful":
+            return self._faithful(run, spec, train_split)
+        return self._fast(run, spec, train_split)
+
+    # -- shared ----------------------------------------------------------------------------------
+    def _optim(self, run: ProbeRun) -> Tuple[List[float], float, Tuple[float, float], Any]:
+        o = run.settings["optimizer"]
+        if str(o.get("type", "AdamW")) != "AdamW":
+            raise ConfigError(f"protocol {run.where}: optimizer.type must be AdamW (DVT's NYU probe optimiser)")
+        lrs = o.get("lrs") or [o["lr"]]
+        return ([float(x) for x in lrs], float(o["weight_decay"]), (float(o["betas"][0]), float(o["betas"][1])),
+                o.get("grad_clip"))
+
+    def _head(self, run: ProbeRun, in_channels: int) -> DepthBinsHead:
+        s = run.settings
+        return DepthBinsHead(in_channels, int(s["n_bins"]), float(s["min_depth"]), float(s["max_depth"]),
+                             int(s["upsample"]))
+
+    def _accumulator(self, run: ProbeRun, eigen: bool) -> DepthAccumulator:
+        s = run.settings
+        return DepthAccumulator(float(s["min_depth"]), float(s["max_depth"]), eigen_crop=eigen)
+
+    def _trainer(self, run: ProbeRun, heads: HeadBank, names: List[str], lrs: List[float],
+                 fp_extra: Dict[str, Any], desc: str) -> ProbeTrainer:
+        s = run.settings
+        _, wd, betas, clip = self._optim(run)
+        kill = run.cfg.extra.get("kill_after_iters")  # test hook: abandon the run like SIGKILL
+        return ProbeTrainer(heads, names, lrs, wd, betas, clip, Schedule(s["schedule"], int(s["max_iters"])),
+                            int(s["max_iters"]), run.artifact("ckpt.pt"), run.fingerprint(fp_extra),
+                            int(s["checkpoint_interval"]), int(s["log_interval"]), progress=run.cfg.progress,
+                            desc=desc, kill_after=int(kill) if kill is not None else None)
+
+    def _finish(self, run: ProbeRun, trainer: ProbeTrainer, acc: DepthAccumulator, extra: Dict[str, Any]) -> Any:
+        title = f"{TASK}/{run.protocol.id} {run.model.spec.id} {run.method_name} {run.dataset}"
+        extra = dict(extra)
+        extra.setdefault("artifacts", {}).update(
+            curves_csv=trainer.curves.write_csv(run.artifact("curves.csv")),
+            curves_png=trainer.curves.plot(run.artifact("curves.png"), title))
+        extra.update(loss={"sigloss_weight": SIGLOSS_WEIGHT, "sigloss_warmup_iters": SIGLOSS_WARM_ITERS,
+                           "gradient_loss_weight": GRADIENT_LOSS_WEIGHT, "gradient_loss": "spatial"},
+                     metric_aggregation="per image, then mean over images (toolbox / DVT)",
+                     resumed_from_iter=trainer.resumed_from)
+        m = acc.compute()
+        run.notes.append("depth metrics computed per image and averaged over images (toolbox/DVT); rmse, sq_rel in "
+                         "metres, delta1-3 as fractions, silog x100; Eigen crop, 0.001 < d < 10 m")
+        return run.finish({k: m[k] for k in RECORD_METRICS}, len(acc), extra)
+
+    # -- faithful --------------------------------------------------------------------------------
+    def _faithful(self, run: ProbeRun, spec: Any, train_split: str) -> Any:
+        s, cfg, model, dev = run.settings, run.cfg, run.model, run.device
+        lrs, _, _, _ = self._optim(run)
+        if len(lrs) != 1:
+            raise ConfigError(f"protocol {run.where}: the faithful recipe trains one head (optimizer.lr)")
+        crop = (int(s["crop_size"][0]), int(s["crop_size"][1]))
+        aug = {k: s[k] for k in FAITHFUL_KEYS}
+        aug.update(depth_rescale_factor=s["depth_rescale_factor"], crop_size=crop)
+        train_ds = spec.build(cfg.data_root, train_split, depth_train_pipeline(aug), limit=cfg.limit)
+        test_ds = spec.build(cfg.data_root, run.eval_split, depth_test_pipeline(s["depth_rescale_factor"]),
+                             limit=cfg.limit)
+        probe = dense_features(model, torch.zeros(1, 3, model.spec.patch_size, model.spec.patch_size, device=dev))
+        in_ch = int(probe.patch.shape[1] + probe.cls.shape[1])
+        with seeded(cfg.seed):
+            head = self._head(run, in_ch).to(dev)
+        heads = HeadBank([head])
+        names = [lr_name(lrs[0])]
+        trainer = self._trainer(run, heads, names, lrs, {"mode": "faithful"}, f"{TASK} {run.dataset}")
+        samples = AugmentedSamples(train_ds, cfg.seed, model.spec.mean_255, model.spec.std_255, "depth", pad_to=crop)
+        batch = int(s["batch_size"])
+
+        def batches(start: int):
+            sampler = IterationBatches(len(train_ds), batch, start, int(s["max_iters"]), cfg.seed)
+            return DataLoader(samples, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate,
+                              pin_memory=dev.type == "cuda", persistent_workers=False)
+
+        def loss_fn(b: Dict[str, torch.Tensor], it: int) -> List[torch.Tensor]:
+            img = b["img"].to(dev, non_blocking=True)
+            gt = b["target"].to(dev, non_blocking=True)[:, None]
+            pred = depth_from_features(head, dense_features(model, img), tuple(gt.shape[-2:]))
+            return [depth_loss(pred, gt, it)]
+
+        last: Dict[str, Any] = {}
+
+        def eval_fn(it: int) -> Dict[str, Dict[str, float]]:
+            acc = self._test_online(run, test_ds, head)
+            last.update(acc=acc, it=it)
+            m = acc.compute()
+            return {names[0]: {"rmse": m["rmse"], "abs_rel": m["abs_rel"]}}
+
+        trainer.fit(batches, loss_fn, eval_fn, int(s["eval_interval"]))
+        acc = last["acc"] if last.get("it") == int(s["max_iters"]) else self._test_online(run, test_ds, head)
+        torch.save({"head": head.state_dict(), "in_channels": in_ch}, run.artifact("head.pt"))
+        run.notes.append("faithful: DVT NYU linear recipe, online features with the toolbox augmentations every "
+                         "iteration; single process, global batch on one device")
+        extra = {"train_images": len(train_ds), "feature_dim": in_ch, "artifacts": {"head": run.artifact("head.pt")}}
+        return self._finish(run, trainer, acc, extra)
+
+    def _test_online(self, run: ProbeRun, test_ds: Any, head: DepthBinsHead) -> DepthAccumulator:
+        """Full 480x640 frames, flip averaging (DVT ``aug_test``), Eigen crop, per-image metrics."""
+        s, model, dev = run.settings, run.model, run.device
+        samples = FixedViewSamples(test_ds, "depth", model.spec.mean_255, model.spec.std_255)
+        loader = DataLoader(samples, batch_size=None, num_workers=run.cfg.num_workers, persistent_workers=False)
+        acc = self._accumulator(run, bool(s["eigen_crop"]))
+        was_training = head.training
+        head.eval()
+
+        def pred_fn(x: torch.Tensor) -> torch.Tensor:
+            return depth_from_features(head, dense_features(model, x), tuple(x.shape[-2:]))
+
+        with torch.no_grad():
+            for smp in loader:
+                img = smp["img"][None].to(dev)
+                pred = depth_flip_average(pred_fn, img) if s["flip_test"] else pred_fn(img)
+                acc.update(pred[0, 0].float().cpu(), smp["target"])
+        head.train(was_training)
+        return acc
+
+    # -- fast ------------------------------------------------------------------------------------
+    def _fast(self, run: ProbeRun, spec: Any, train_split: str) -> Any:
+        s, cfg, model, dev = run.settings, run.cfg, run.model, run.device
+        lrs, _, _, _ = self._optim(run)
+        crop = (int(s["crop_size"][0]), int(s["crop_size"][1]))
+        scale = float(s["depth_rescale_factor"])
+        bs = run.inference_batch(16, 4)
+        mean, std = model.spec.mean_255, model.spec.std_255
+
+        def to_mm(depth: torch.Tensor) -> np.ndarray:  # metres -> the PNG's millimetres, exact
+            return np.clip(np.rint(depth.numpy() / scale), 0, 65535).astype(np.uint16)
+
+        def featurize(imgs: torch.Tensor) -> Dict[str, torch.Tensor]:
+            f = dense_features(model, imgs.to(dev))
+            return {"patch": f.patch, "cls": f.cls}
+
+        def featurize_flip(imgs: torch.Tensor) -> Dict[str, torch.Tensor]:
+            f, g = dense_features(model, imgs.to(dev)), dense_features(model, imgs.flip(-1).to(dev))
+            return {"patch": f.patch, "cls": f.cls, "patch_flip": g.patch, "cls_flip": g.cls}
+
+        train_ds = spec.build(cfg.data_root, train_split, depth_fixed_view_pipeline(scale, crop), limit=cfg.limit)
+        view = f"nyucrop-center{crop[0]}x{crop[1]}"
+        tr_fields = run.cache_fields(train_split, view, {"depth_rescale_factor": scale})
+        tr_cache = FeatureCache(os.path.join(run.cache_root, cache_dir_name(tr_fields)), tr_fields,
+                                {"patch": "float16", "cls": "float16", "depth": "uint16"})
+        fill_cache(tr_cache, FixedViewSamples(train_ds, "depth", mean, std, pad_to=crop), featurize,
+                   lambda smp: {"depth": to_mm(smp["target"])}, bs, cfg.num_workers, cfg.progress,
+                   f"cache {run.dataset}/{train_split}")
+        test_ds = spec.build(cfg.data_root, run.eval_split, depth_test_pipeline(scale), limit=cfg.limit)
+        tview = "full+flip" if s["flip_test"] else "full"
+        te_fields = run.cache_fields(run.eval_split, tview, {"depth_rescale_factor": scale})
+        te_names = {"patch": "float16", "cls": "float16", "depth": "uint16"}
+        if s["flip_test"]:
+            te_names.update(patch_flip="float16", cls_flip="float16")
+        te_cache = FeatureCache(os.path.join(run.cache_root, cache_dir_name(te_fields)), te_fields, te_names)
+        fill_cache(te_cache, FixedViewSamples(test_ds, "depth", mean, std),
+                   featurize_flip if s["flip_test"] else featurize, lambda smp: {"depth": to_mm(smp["target"])},
+                   bs, cfg.num_workers, cfg.progress, f"cache {run.dataset}/{run.eval_split}")
+
+        n = len(tr_cache)
+        n_hold = int(round(float(s["holdout_fraction"]) * n))
+        if n < 2 or n_hold < 1 or n_hold >= n:
+            raise DataError(f"{n} training images cannot be split into train and a held-out "
+                            f"{s['holdout_fraction']} fraction; use more images (or a larger --limit)")
+        perm = np.random.default_rng([cfg.seed, 1]).permutation(n)
+        hold_idx, fit_idx = sorted(perm[:n_hold].tolist()), perm[n_hold:].tolist()
+        in_ch = int(tr_cache.shape(0, "patch")[0] + tr_cache.shape(0, "cls")[0])
+        with seeded(cfg.seed):
+            heads = HeadBank([self._head(run, in_ch) for _ in lrs]).to(dev)
+        names = [lr_name(lr) for lr in lrs]
+        trainer = self._trainer(run, heads, names, lrs, {"mode": "fast", "cache": tr_cache.path},
+                                f"{TASK} fast {run.dataset}")
+        batch = int(s["batch_size"])
+
+        def load(cache: FeatureCache, idx: List[int], suffix: str = "") -> torch.Tensor:
+            patch = cache.stack(idx, "patch" + suffix, torch.float32).to(dev)
+            cls = cache.stack(idx, "cls" + suffix, torch.float32).to(dev)
+            return depth_head_input(patch, cls)
+
+        def batches(start: int):
+            sampler = IterationBatches(len(fit_idx), batch, start, int(s["max_iters"]), cfg.seed)
+            for items in sampler:
+                idx = [fit_idx[k] for (_, _, k) in items]
+                yield load(tr_cache, idx), tr_cache.stack(idx, "depth", torch.float32).to(dev)[:, None] * scale
+
+        def loss_fn(b: Tuple[torch.Tensor, torch.Tensor], it: int) -> List[torch.Tensor]:
+            x, gt = b
+            return [depth_loss(resize(pred, tuple(gt.shape[-2:])), gt, it) for pred in heads(x)]
+
+        metric = str(s["select_metric"])
+        last: Dict[str, Any] = {}
+
+        def eval_fn(it: int) -> Dict[str, Dict[str, float]]:
+            accs = [self._accumulator(run, eigen=False) for _ in heads.heads]  # train views are already cropped
+            with torch.no_grad():
+                for k in range(0, len(hold_idx), bs):
+                    idx = hold_idx[k:k + bs]
+                    gt = tr_cache.stack(idx, "depth", torch.float32) * scale
+                    for acc, pred in zip(accs, heads(load(tr_cache, idx))):
+                        pred = resize(pred, tuple(gt.shape[-2:]))[:, 0].cpu()
+                        for j in range(len(idx)):
+                            acc.update(pred[j], gt[j])
+            out = {nm: {metric: a.compute()[metric]} for nm, a in zip(names, accs)}
+            last.update(it=it, scores=out)
+            return out
+
+        trainer.fit(batches, loss_fn, eval_fn, int(s["eval_interval"]))
+        final = last["scores"] if last.get("it") == int(s["max_iters"]) else eval_fn(int(s["max_iters"]))
+        scores = np.asarray([final[nm][metric] for nm in names], dtype=np.float64)
+        best = int(np.nanargmin(scores) if metric in LOWER_IS_BETTER else np.nanargmax(scores))
+        head = heads.heads[best].eval()
+        acc = self._accumulator(run, bool(s["eigen_crop"]))
+        fit_depths = [tr_cache.get(i, "depth") for i in fit_idx]
+        valid = np.concatenate([d[d > 0].ravel() for d in fit_depths]).astype(np.float64) * scale
+        mean_depth = float(valid.mean()) if valid.size else float("nan")
+        base = self._accumulator(run, bool(s["eigen_crop"]))
+        with torch.no_grad():
+            for i in range(len(te_cache)):
+                gt = torch.from_numpy(np.asarray(te_cache.get(i, "depth"), dtype=np.float32)) * scale
+                size = tuple(gt.shape)
+                pred = resize(head(load(te_cache, [i])), size)
+                if s["flip_test"]:
+                    pred = (pred + resize(head(load(te_cache, [i], "_flip")), size).flip(-1)) / 2
+                acc.update(pred[0, 0].cpu(), gt)
+                base.update(torch.full(size, mean_depth), gt)
+        torch.save({"head": head.state_dict(), "in_channels": in_ch, "lr": lrs[best]}, run.artifact("head.pt"))
+        bm = base.compute()
+        extra = {"selected_lr": lrs[best], "heldout": {nm: final[nm][metric] for nm in names},
+                 "heldout_images": n_hold, "fit_images": n - n_hold, "feature_dim": in_ch,
+                 "token_grid_train": list(tr_cache.shape(0, "patch")[1:]),
+                 "cache_bytes_per_image": {"train": tr_cache.field_nbytes(["patch", "cls"]) / max(1, n),
+                                           "test (with flip)": te_cache.field_nbytes(
+                                               [f for f in te_names if f != "depth"]) / max(1, len(te_cache))},
+                 "baseline_mean_depth": {"depth_m": mean_depth, **{k: bm[k] for k in RECORD_METRICS}},
+                 "artifacts": {"head": run.artifact("head.pt"), "train_cache": tr_cache.path,
+                               "test_cache": te_cache.path}, "inference_batch": bs}
+        run.notes.append("fast protocol (not faithful): one fixed view per training image (NYUCrop + centre crop), "
+                         f"features cached in fp16, {len(lrs)} heads (lr grid) trained together, best by held-out "
+                         f"{metric} on {n_hold} train images")
+        return self._finish(run, trainer, acc, extra)
