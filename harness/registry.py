@@ -29,8 +29,10 @@ class Registry(Generic[T]):
         package: dotted package whose modules are imported on first lookup to fill the registry.
     """
 
-    def __init__(self, kind: str, package: Optional[str] = None, instantiate: bool = False) -> None:
+    def __init__(self, kind: str, package: Optional[str] = None, instantiate: bool = False,
+                 list_hint: bool = True) -> None:
         self.kind = kind
+        self.list_hint = list_hint  # `harness list <kind>s` exists for this kind
         self.instantiate = instantiate  # get() returns an instance of the registered class
         self.package = package
         self._entries: Dict[str, T] = {}
@@ -48,6 +50,7 @@ class Registry(Generic[T]):
         return deco
 
     def add(self, name: str, obj: T, *, aliases: tuple = ()) -> None:
+        self._discover()  # built-in entries first, so a collision with them is caught here, not later
         for key in (name, *aliases):
             if key in self._entries or key in self._aliases:
                 where = self._entries.get(key) or self._entries[self._aliases[key]]
@@ -82,10 +85,8 @@ class Registry(Generic[T]):
         known = sorted([*self._entries, *self._aliases])
         near = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
         hint = f" Did you mean: {', '.join(near)}?" if near else ""
-        raise RegistryError(
-            f"unknown {self.kind} {name!r}.{hint} Run `harness list {self.kind}s` to see all "
-            f"{len(self._entries)} registered {self.kind}s."
-        )
+        listing = f" Run `harness list {self.kind}s` to see all {len(self._entries)}." if self.list_hint else ""
+        raise RegistryError(f"unknown {self.kind} {name!r}.{hint}{listing}")
 
     def get(self, name: str) -> T:
         obj = self._entries[self.canonical(name)]
@@ -120,4 +121,4 @@ METHODS: Registry = Registry("method", "harness.methods")
 DATASETS: Registry = Registry("dataset", "harness.datasets", instantiate=True)
 EVALUATORS: Registry = Registry("evaluator", "harness.evaluators")
 #: backbone families ("open_clip", "timm"): Backbone subclasses with ``build(spec, weights_path)``
-BACKBONE_FAMILIES: Registry = Registry("backbone family", "harness.backbones")
+BACKBONE_FAMILIES: Registry = Registry("backbone family", "harness.backbones", list_hint=False)

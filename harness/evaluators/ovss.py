@@ -95,9 +95,12 @@ class OVSSEvaluator(Evaluator):
             return [records[i] for i in range(len(models))]
 
         t0 = time.time()
-        text = class_queries(base, names, settings["templates"], device, cfg.cache_dir)
         ds = spec.build(cfg.data_root, cfg.split, mmseg_pipeline(settings), limit=cfg.limit)
         n_total = len(ds)
+        for i in range(n_total):  # file headers only: a bad label map fails now, not after an hour
+            info = ds.get_data_info(i)
+            spec.check_label_map(info["img_path"], info["seg_map_path"])
+        text = class_queries(base, names, settings["templates"], device, cfg.cache_dir)
         indices = list(range(dist.rank, n_total, dist.world_size))
         done = 0 if cfg.force else _load_partials(jobs, dist.rank)
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, indices[done:]),
