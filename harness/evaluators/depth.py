@@ -30,7 +30,8 @@ from ..probes.data import (AugmentedSamples, IterationBatches, collate, depth_fi
 from ..probes.extract import FixedViewSamples, fill_cache
 from ..probes.features import dense_features, depth_flip_average, depth_from_features, resize
 from ..probes.heads import DepthBinsHead, HeadBank, depth_head_input
-from ..probes.losses import GRADIENT_LOSS_WEIGHT, SIGLOSS_WARM_ITERS, SIGLOSS_WEIGHT, depth_loss
+from ..probes.losses import (GRADIENT_LOSS_WEIGHT, GRADIENT_STRIDES, LOG_EPS, SIGLOSS_MEAN_WEIGHT, SIGLOSS_WEIGHT,
+                             depth_loss)
 from ..probes.schedules import Schedule
 from ..probes.trainer import ProbeTrainer
 from ..registry import DATASETS, EVALUATORS
@@ -39,7 +40,7 @@ from .base import Evaluator, RunConfig
 TASK = "depth"
 COMMON_KEYS = ("train_split", "depth_rescale_factor", "min_depth", "max_depth", "eigen_crop", "flip_test",
                "crop_size", "optimizer", "schedule", "max_iters", "batch_size", "eval_interval",
-               "checkpoint_interval", "log_interval", "n_bins", "upsample")
+               "checkpoint_interval", "log_interval", "n_bins", "upsample", "sigloss_warmup_iters")
 FAITHFUL_KEYS = ("rotate_prob", "rotate_degree", "flip_prob", "color_prob", "gamma_range", "brightness_range",
                  "color_range")
 FAST_KEYS = ("holdout_fraction", "select_metric")
@@ -107,8 +108,9 @@ class DepthEvaluator(Evaluator):
         extra.setdefault("artifacts", {}).update(
             curves_csv=trainer.curves.write_csv(run.artifact("curves.csv")),
             curves_png=trainer.curves.plot(run.artifact("curves.png"), title))
-        extra.update(loss={"sigloss_weight": SIGLOSS_WEIGHT, "sigloss_warmup_iters": SIGLOSS_WARM_ITERS,
-                           "gradient_loss_weight": GRADIENT_LOSS_WEIGHT, "gradient_loss": "spatial"},
+        extra.update(loss={"sigloss_weight": SIGLOSS_WEIGHT, "sigloss_lambda": 1 - SIGLOSS_MEAN_WEIGHT,
+                           "gradient_loss_weight": GRADIENT_LOSS_WEIGHT, "gradient_loss": "spatial",
+                           "gradient_strides": list(GRADIENT_STRIDES), "log_eps": LOG_EPS},
                      metric_aggregation="per image, then mean over images (toolbox / DVT)",
                      resumed_from_iter=trainer.resumed_from)
         m = acc.compute()
@@ -137,6 +139,7 @@ class DepthEvaluator(Evaluator):
         trainer = self._trainer(run, heads, names, lrs, {"mode": "faithful"}, f"{TASK} {run.dataset}")
         samples = AugmentedSamples(train_ds, cfg.seed, model.spec.mean_255, model.spec.std_255, "depth", pad_to=crop)
         batch = int(s["batch_size"])
+        warm = int(s["sigloss_warmup_iters"])
 
         def batches(start: int):
             sampler = IterationBatches(len(train_ds), batch, start, int(s["max_iters"]), cfg.seed)
@@ -147,7 +150,7 @@ class DepthEvaluator(Evaluator):
             img = b["img"].to(dev, non_blocking=True)
             gt = b["target"].to(dev, non_blocking=True)[:, None]
             pred = depth_from_features(head, dense_features(model, img), tuple(gt.shape[-2:]))
-            return [depth_loss(pred, gt, it)]
+            return [depth_loss(pred, gt, it, warm_iters=warm)]
 
         last: Dict[str, Any] = {}
 
@@ -207,7 +210,7 @@ class DepthEvaluator(Evaluator):
 
         train_ds = spec.build(cfg.data_root, train_split, depth_fixed_view_pipeline(scale, crop), limit=cfg.limit)
         view = f"nyucrop-center{crop[0]}x{crop[1]}"
-        tr_fields = run.cache_fields(train_split, view, {"depth_rescale_factor": scale})
+        tr_fields = run.cache_fields(train_split, view, train_ds, {"depth_rescale_factor": scale})
         tr_cache = FeatureCache(os.path.join(run.cache_root, cache_dir_name(tr_fields)), tr_fields,
                                 {"patch": "float16", "cls": "float16", "depth": "uint16"})
         fill_cache(tr_cache, FixedViewSamples(train_ds, "depth", mean, std, pad_to=crop), featurize,
@@ -215,7 +218,7 @@ class DepthEvaluator(Evaluator):
                    f"cache {run.dataset}/{train_split}")
         test_ds = spec.build(cfg.data_root, run.eval_split, depth_test_pipeline(scale), limit=cfg.limit)
         tview = "full+flip" if s["flip_test"] else "full"
-        te_fields = run.cache_fields(run.eval_split, tview, {"depth_rescale_factor": scale})
+        te_fields = run.cache_fields(run.eval_split, tview, test_ds, {"depth_rescale_factor": scale})
         te_names = {"patch": "float16", "cls": "float16", "depth": "uint16"}
         if s["flip_test"]:
             te_names.update(patch_flip="float16", cls_flip="float16")
@@ -238,6 +241,7 @@ class DepthEvaluator(Evaluator):
         trainer = self._trainer(run, heads, names, lrs, {"mode": "fast", "cache": tr_cache.path},
                                 f"{TASK} fast {run.dataset}")
         batch = int(s["batch_size"])
+        warm = int(s["sigloss_warmup_iters"])
 
         def load(cache: FeatureCache, idx: List[int], suffix: str = "") -> torch.Tensor:
             patch = cache.stack(idx, "patch" + suffix, torch.float32).to(dev)
@@ -252,7 +256,7 @@ class DepthEvaluator(Evaluator):
 
         def loss_fn(b: Tuple[torch.Tensor, torch.Tensor], it: int) -> List[torch.Tensor]:
             x, gt = b
-            return [depth_loss(resize(pred, tuple(gt.shape[-2:])), gt, it) for pred in heads(x)]
+            return [depth_loss(resize(pred, tuple(gt.shape[-2:])), gt, it, warm_iters=warm) for pred in heads(x)]
 
         metric = str(s["select_metric"])
         last: Dict[str, Any] = {}

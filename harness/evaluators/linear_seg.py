@@ -207,8 +207,9 @@ class LinearSegEvaluator(Evaluator):
         # train view: keep-ratio resize to the test scale + centre crop (labels follow), padded to the crop
         train_ds = spec.build(cfg.data_root, train_split, seg_fixed_view_pipeline(scale, crop), limit=cfg.limit)
         view = f"fixed-{scale[0]}x{scale[1]}-crop{crop[0]}x{crop[1]}"
-        tr_cache = FeatureCache(os.path.join(run.cache_root, cache_dir_name(run.cache_fields(train_split, view, {}))),
-                                run.cache_fields(train_split, view, {}), {"patch": "float16", "label": "uint8"})
+        tr_fields = run.cache_fields(train_split, view, train_ds, {})
+        tr_cache = FeatureCache(os.path.join(run.cache_root, cache_dir_name(tr_fields)), tr_fields,
+                                {"patch": "float16", "label": "uint8"})
         def train_fields(smp: Dict[str, Any]) -> Dict[str, np.ndarray]:
             label = smp["target"].numpy()
             spec.check_label_values(smp["ann_path"], label)
@@ -231,7 +232,7 @@ class LinearSegEvaluator(Evaluator):
                                       for k in range(0, len(boxes), bs)]))
             return {"patch": torch.stack(out)}
 
-        va_fields = run.cache_fields(run.eval_split, vview, {})
+        va_fields = run.cache_fields(run.eval_split, vview, val_ds, {})
         va_cache = FeatureCache(os.path.join(run.cache_root, cache_dir_name(va_fields)), va_fields,
                                 {"patch": "float16", "label": "uint8", "img_hw": "int32"})
 

@@ -55,6 +55,25 @@ def weights_identity(model: DenseModel) -> str:
     return "random-init:" + h.hexdigest()[:16]
 
 
+def dataset_fingerprint(ds: Any) -> str:
+    """Hash of an mmseg dataset's files (paths, sizes, modification times): a cache follows its data.
+
+    Why: the cache is keyed by the data root, and a root can be re-prepared with other files in place.
+    """
+    h = hashlib.sha256()
+    for i in range(len(ds)):
+        info = ds.get_data_info(i)
+        for key in ("img_path", "seg_map_path", "depth_map_path"):
+            p = info.get(key)
+            if p:
+                try:
+                    st = os.stat(p)
+                    h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+                except OSError:
+                    h.update(f"{p}|missing\n".encode())
+    return h.hexdigest()[:16]
+
+
 def require(settings: Dict[str, Any], keys: Sequence[str], where: str) -> None:
     """Raise a :class:`ConfigError` naming the protocol file when settings lack ``keys``."""
     missing = [k for k in keys if k not in settings]
@@ -105,11 +124,13 @@ class ProbeRun:
     def cache_root(self) -> str:
         return self.cfg.cache_dir or os.path.join(self.cfg.results_dir, "cache")
 
-    def cache_fields(self, split: str, view: str, extra: Dict[str, Any]) -> Dict[str, Any]:
-        """What a feature cache's content depends on (probes.md §4.2 / issue: backbone, method, weights, ...)."""
+    def cache_fields(self, split: str, view: str, ds: Any, extra: Dict[str, Any]) -> Dict[str, Any]:
+        """What a feature cache's content depends on (probes.md §4.2 / issue: backbone, method, weights hash,
+        dataset, resolution), plus the data files themselves (:func:`dataset_fingerprint`)."""
         return {"backbone": self.model.spec.id, "method": self.method_name, "method_params": self.model.params,
                 "weights": weights_identity(self.model), "dataset": self.dataset, "split": split, "view": view,
-                "data_root": os.path.abspath(self.cfg.data_root), "limit": self.cfg.limit, **extra}
+                "data_root": os.path.abspath(self.cfg.data_root), "limit": self.cfg.limit,
+                "files": dataset_fingerprint(ds), **extra}
 
     @property
     def method_name(self) -> str:

@@ -63,8 +63,15 @@ class DepthBinsHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 2C, h, w) -> depth (B, 1, 4h, 4w) in metres."""
         h, w = x.shape[-2:]
-        x = F.interpolate(x, size=(h * self.upsample, w * self.upsample), mode="bilinear", align_corners=False)
-        logit = torch.relu(self.conv_depth(x)) + DEPTH_NORM_EPS
+        size = (h * self.upsample, w * self.upsample)
+        # Bilinear resizing and a 1x1 conv are both linear (and resizing weights sum to 1, so the bias passes
+        # through): conv(up(x)) == up(conv(x)). Run the conv on whichever side has fewer channels (2C = 1536 for
+        # ViT-B vs 256 bins) -- same function, several times cheaper; ReLU comes after both, as in DINOv2.
+        if x.shape[1] > self.conv_depth.out_channels:
+            z = F.interpolate(self.conv_depth(x), size=size, mode="bilinear", align_corners=False)
+        else:
+            z = self.conv_depth(F.interpolate(x, size=size, mode="bilinear", align_corners=False))
+        logit = torch.relu(z) + DEPTH_NORM_EPS
         p = logit / logit.sum(dim=1, keepdim=True)
         return torch.einsum("bkhw,k->bhw", p, self.bins.to(p.dtype)).unsqueeze(1)
 

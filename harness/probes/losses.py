@@ -75,7 +75,8 @@ def gradient_loss(pred: torch.Tensor, gt: torch.Tensor, max_depth: Optional[floa
     return total
 
 
-def depth_loss(pred: torch.Tensor, gt: torch.Tensor, iteration: int, max_depth: Optional[float] = None) -> torch.Tensor:
-    """DVT NYU linear loss: 1.0 x SigLoss (warm-up for the first 100 iterations) + 0.5 x GradientLoss."""
-    return (SIGLOSS_WEIGHT * sig_loss(pred, gt, max_depth, warm_up=iteration < SIGLOSS_WARM_ITERS)
+def depth_loss(pred: torch.Tensor, gt: torch.Tensor, iteration: int, max_depth: Optional[float] = None,
+               warm_iters: int = SIGLOSS_WARM_ITERS) -> torch.Tensor:
+    """DVT NYU linear loss: 1.0 x SigLoss (warm-up for the first ``warm_iters`` iterations) + 0.5 x GradientLoss."""
+    return (SIGLOSS_WEIGHT * sig_loss(pred, gt, max_depth, warm_up=iteration < warm_iters)
             + GRADIENT_LOSS_WEIGHT * gradient_loss(pred, gt, max_depth))
