@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="write results/leaderboard.csv and results/LEADERBOARD.md")
     rep.add_argument("--results-dir", default="results")
+    rep.add_argument("--published-dir", default=None,
+                     help="published-number CSVs (default: <results-dir>/published, ./results/published)")
 
     demo = sub.add_parser("demo", help="tiny end-to-end run on generated VOC-layout data, random weights")
     demo.add_argument("--out", default="demo_output", help="folder for the demo data and results")
@@ -260,7 +262,7 @@ def cmd_data(a: argparse.Namespace) -> int:
 def cmd_report(a: argparse.Namespace) -> int:
     from .results.report import write_report
 
-    out = write_report(a.results_dir)
+    out = write_report(a.results_dir, published_dir=a.published_dir)
     for p in (out if isinstance(out, (list, tuple)) else [out]):
         print(f"wrote {p}")
     return 0

@@ -12,8 +12,9 @@ Sources (probes.md §2.4):
   in-painted depth in metres) with the official split ``splits.mat`` (``trainNdxs`` 795 / ``testNdxs`` 654,
   1-based indices into the labeled set). The 654 test frames are the test set of every NYU depth paper.
 * optionally the BTS training layout (``sync/<scene>/rgb_XXXXX.jpg`` + ``sync_depth_XXXXX.png`` with the
-  split file ``nyudepthv2_train_files_with_gt.txt``, 24,231 lines ``<rgb> <depth> <focal>``). DINOv2 and
-  DVT train their NYU probes on it; with it, ``images/train`` holds the BTS frames instead of the 795.
+  split file ``nyudepthv2_train_files_with_gt.txt``, 24,231 lines ``<rgb> <depth> <focal>`` whose paths are
+  relative to the ``sync`` folder, BTS's ``data_path``). DINOv2 and DVT train their NYU probes on it; with
+  it, ``images/train`` holds the BTS frames (symlinked) instead of the 795.
 """
 from __future__ import annotations
 
@@ -203,11 +204,10 @@ def read_bts_split(bts_root: str, split_file: str) -> List[Tuple[str, str]]:
 
 
 def bts_name(rgb_rel: str) -> str:
-    """mmseg converter naming: ``kitchen_0028b/rgb_00045.jpg`` -> ``kitchen_0028b_00045``."""
+    """mmseg converter naming (tools/dataset_converters/nyu.py): ``/kitchen_0028b/rgb_00045.jpg`` ->
+    ``kitchen_0028b_00045``."""
     rel = rgb_rel.strip().strip("/").replace("/rgb", "")
-    parts = rel.split("/")
-    stem = "_".join(parts[-2:]) if len(parts) >= 2 else parts[-1]
-    return osp.splitext(stem)[0]
+    return osp.splitext(rel.replace("/", "_"))[0]
 
 
 def _place(src: str, dst: str, copy: bool) -> None:
@@ -261,7 +261,7 @@ def prepare_nyu(mat_path: str, out_root: str, splits_path: Optional[str] = None,
             _write_frame(out_root, split, f"{scenes[i]}_{i + 1:05d}", rgb, mm)
             written[split] += 1
     for rgb_p, dep_p in bts_pairs:
-        name = bts_name(osp.relpath(rgb_p, bts_root))
+        name = bts_name(osp.relpath(rgb_p, bts_root))  # type: ignore[arg-type]
         _place(rgb_p, osp.join(out_root, "images", "train", name + ".jpg"), copy)
         _place(dep_p, osp.join(out_root, "annotations", "train", name + ".png"), copy)
         written["train"] += 1

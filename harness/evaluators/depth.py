@@ -25,13 +25,26 @@ from ..errors import ConfigError, DataError
 from ..metrics.depth import DEPTH_METRICS, LOWER_IS_BETTER, DepthAccumulator
 from ..probes.cache import FeatureCache, cache_dir_name
 from ..probes.common import ProbeRun, require, seeded, start_probe_run
-from ..probes.data import (AugmentedSamples, IterationBatches, collate, depth_fixed_view_pipeline,
-                           depth_test_pipeline, depth_train_pipeline, register_transforms)
+from ..probes.data import (
+    AugmentedSamples,
+    IterationBatches,
+    collate,
+    depth_fixed_view_pipeline,
+    depth_test_pipeline,
+    depth_train_pipeline,
+    register_transforms,
+)
 from ..probes.extract import FixedViewSamples, fill_cache
 from ..probes.features import dense_features, depth_flip_average, depth_from_features, resize
 from ..probes.heads import DepthBinsHead, HeadBank, depth_head_input
-from ..probes.losses import (GRADIENT_LOSS_WEIGHT, GRADIENT_STRIDES, LOG_EPS, SIGLOSS_MEAN_WEIGHT, SIGLOSS_WEIGHT,
-                             depth_loss)
+from ..probes.losses import (
+    GRADIENT_LOSS_WEIGHT,
+    GRADIENT_STRIDES,
+    LOG_EPS,
+    SIGLOSS_MEAN_WEIGHT,
+    SIGLOSS_WEIGHT,
+    depth_loss,
+)
 from ..probes.schedules import Schedule
 from ..probes.trainer import ProbeTrainer
 from ..registry import DATASETS, EVALUATORS
@@ -146,11 +159,14 @@ class DepthEvaluator(Evaluator):
             return DataLoader(samples, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate,
                               pin_memory=dev.type == "cuda", persistent_workers=False)
 
-        def loss_fn(b: Dict[str, torch.Tensor], it: int) -> List[torch.Tensor]:
-            img = b["img"].to(dev, non_blocking=True)
-            gt = b["target"].to(dev, non_blocking=True)[:, None]
-            pred = depth_from_features(head, dense_features(model, img), tuple(gt.shape[-2:]))
-            return [depth_loss(pred, gt, it, warm_iters=warm)]
+        def prepare(b: Dict[str, torch.Tensor]) -> Tuple[Any, torch.Tensor]:
+            return dense_features(model, b["img"].to(dev, non_blocking=True)), \
+                b["target"].to(dev, non_blocking=True)[:, None]
+
+        def loss_fn(inputs: Tuple[Any, torch.Tensor], it: int, j: int) -> torch.Tensor:
+            feats, gt = inputs
+            pred = depth_from_features(heads.heads[j], feats, tuple(gt.shape[-2:]))
+            return depth_loss(pred, gt, it, warm_iters=warm)
 
         last: Dict[str, Any] = {}
 
@@ -160,7 +176,7 @@ class DepthEvaluator(Evaluator):
             m = acc.compute()
             return {names[0]: {"rmse": m["rmse"], "abs_rel": m["abs_rel"]}}
 
-        trainer.fit(batches, loss_fn, eval_fn, int(s["eval_interval"]))
+        trainer.fit(batches, loss_fn, eval_fn, int(s["eval_interval"]), prepare=prepare)
         acc = last["acc"] if last.get("it") == int(s["max_iters"]) else self._test_online(run, test_ds, head)
         torch.save({"head": head.state_dict(), "in_channels": in_ch}, run.artifact("head.pt"))
         run.notes.append("faithful: DVT NYU linear recipe, online features with the toolbox augmentations every "
@@ -254,9 +270,9 @@ class DepthEvaluator(Evaluator):
                 idx = [fit_idx[k] for (_, _, k) in items]
                 yield load(tr_cache, idx), tr_cache.stack(idx, "depth", torch.float32).to(dev)[:, None] * scale
 
-        def loss_fn(b: Tuple[torch.Tensor, torch.Tensor], it: int) -> List[torch.Tensor]:
+        def loss_fn(b: Tuple[torch.Tensor, torch.Tensor], it: int, j: int) -> torch.Tensor:
             x, gt = b
-            return [depth_loss(resize(pred, tuple(gt.shape[-2:])), gt, it, warm_iters=warm) for pred in heads(x)]
+            return depth_loss(resize(heads.heads[j](x), tuple(gt.shape[-2:])), gt, it, warm_iters=warm)
 
         metric = str(s["select_metric"])
         last: Dict[str, Any] = {}
@@ -302,6 +318,7 @@ class DepthEvaluator(Evaluator):
                  "cache_bytes_per_image": {"train": tr_cache.field_nbytes(["patch", "cls"]) / max(1, n),
                                            "test (with flip)": te_cache.field_nbytes(
                                                [f for f in te_names if f != "depth"]) / max(1, len(te_cache))},
+                 # sanity reference: predict the mean valid depth of the fit views everywhere, tested identically
                  "baseline_mean_depth": {"depth_m": mean_depth, **{k: bm[k] for k in RECORD_METRICS}},
                  "artifacts": {"head": run.artifact("head.pt"), "train_cache": tr_cache.path,
                                "test_cache": te_cache.path}, "inference_batch": bs}

@@ -26,8 +26,16 @@ from ..errors import ConfigError, DataError
 from ..metrics.segmentation import IoUAccumulator
 from ..probes.cache import FeatureCache, cache_dir_name
 from ..probes.common import ProbeRun, require, seeded, start_probe_run
-from ..probes.data import (IGNORE_INDEX, AugmentedSamples, IterationBatches, collate, register_transforms,
-                           seg_fixed_view_pipeline, seg_test_pipeline, seg_train_pipeline)
+from ..probes.data import (
+    IGNORE_INDEX,
+    AugmentedSamples,
+    IterationBatches,
+    collate,
+    register_transforms,
+    seg_fixed_view_pipeline,
+    seg_test_pipeline,
+    seg_train_pipeline,
+)
 from ..probes.extract import FixedViewSamples, fill_cache
 from ..probes.features import dense_features, padded_grid, resize, slide_logits, slide_windows
 from ..probes.heads import HeadBank, LinearSegHead
@@ -141,9 +149,12 @@ class LinearSegEvaluator(Evaluator):
             return DataLoader(samples, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate,
                               pin_memory=dev.type == "cuda", persistent_workers=False)
 
-        def loss_fn(b: Dict[str, torch.Tensor], it: int) -> List[torch.Tensor]:
+        def prepare(b: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
             feats = dense_features(model, b["img"].to(dev, non_blocking=True))
-            return [seg_loss(head(feats.patch.float()), b["target"].to(dev, non_blocking=True))]
+            return feats.patch.float(), b["target"].to(dev, non_blocking=True)
+
+        def loss_fn(inputs: Tuple[torch.Tensor, torch.Tensor], it: int, j: int) -> torch.Tensor:
+            return seg_loss(heads.heads[j](inputs[0]), inputs[1])
 
         last: Dict[str, Any] = {}
 
@@ -152,7 +163,7 @@ class LinearSegEvaluator(Evaluator):
             last.update(acc=acc, it=it)
             return {names[0]: {"mIoU": acc.compute()["mIoU"]}}
 
-        trainer.fit(batches, loss_fn, eval_fn, int(s["eval_interval"]))
+        trainer.fit(batches, loss_fn, eval_fn, int(s["eval_interval"]), prepare=prepare)
         acc = last["acc"] if last.get("it") == int(s["max_iters"]) else self._slide_eval(run, spec, val_ds, head)
         torch.save({"head": head.state_dict(), "in_channels": feat_dim, "num_classes": spec.num_classes},
                    run.artifact("head.pt"))
@@ -267,19 +278,20 @@ class LinearSegEvaluator(Evaluator):
                 yield (tr_cache.stack(idx, "patch", torch.float32).to(dev),
                        tr_cache.stack(idx, "label", torch.int64).to(dev))
 
-        def loss_fn(b: Tuple[torch.Tensor, torch.Tensor], it: int) -> List[torch.Tensor]:
+        def loss_fn(b: Tuple[torch.Tensor, torch.Tensor], it: int, j: int) -> torch.Tensor:
             feats, target = b
-            return [seg_loss(logits, target) for logits in heads(feats)]
+            return seg_loss(heads.heads[j](feats), target)
 
         def eval_fn(it: int) -> Dict[str, Dict[str, float]]:
             accs = [IoUAccumulator(spec.num_classes, IGNORE_INDEX) for _ in heads.heads]
+            chunk = min(bs, 8)  # full-resolution logits of one head at a time: 8 x K x 512 x 512 floats at most
             with torch.no_grad():
-                for k in range(0, len(hold_idx), bs):
-                    idx = hold_idx[k:k + bs]
+                for k in range(0, len(hold_idx), chunk):
+                    idx = hold_idx[k:k + chunk]
                     feats = tr_cache.stack(idx, "patch", torch.float32).to(dev)
                     labels = tr_cache.stack(idx, "label", torch.int64)
-                    for acc, logits in zip(accs, heads(feats)):
-                        acc.update(resize(logits, tuple(labels.shape[-2:])).argmax(1).cpu(), labels)
+                    for acc, head_j in zip(accs, heads.heads):
+                        acc.update(resize(head_j(feats), tuple(labels.shape[-2:])).argmax(1).cpu(), labels)
             out = {nm: {str(s["select_metric"]): a.compute()[str(s["select_metric"])]} for nm, a in zip(names, accs)}
             last.update(it=it, scores=out)
             return out
@@ -311,7 +323,8 @@ class LinearSegEvaluator(Evaluator):
                  "heldout_images": n_hold, "fit_images": n - n_hold, "feature_dim": feat_dim,
                  "token_grid_train": list(tr_cache.shape(0, "patch")[1:]),
                  "cache_bytes_per_image": {"train": tr_cache.field_nbytes(["patch"]) / max(1, n),
-                                           "eval (all windows)": va_cache.field_nbytes(["patch"]) / max(1, len(va_cache))},
+                                           "eval (all windows)": va_cache.field_nbytes(["patch"])
+                                           / max(1, len(va_cache))},
                  "resumed_from_iter": trainer.resumed_from, "artifacts": artifacts, "inference_batch": bs}
         run.notes.append("fast protocol (not faithful): one fixed view per image, features cached in fp16, "
                          f"{len(lrs)} heads (lr grid) trained together, best by held-out {metric} on "

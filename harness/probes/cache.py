@@ -80,7 +80,8 @@ class FeatureCache:
                 meta = json.load(f)
             idx = np.load(os.path.join(self.path, "index.npz"))
         except (OSError, ValueError) as e:
-            raise CacheError(f"feature cache {self.path} is unreadable ({e}); delete the directory to rebuild it") from e
+            raise CacheError(f"feature cache {self.path} is unreadable ({e}); delete the directory to rebuild "
+                             f"it") from e
         if meta.get("key_fields") != self.key_fields or meta.get("fields") != self.fields:
             raise CacheError(f"feature cache {self.path} was written for another configuration; delete it "
                              f"(or pass another --cache-dir)")

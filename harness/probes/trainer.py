@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -120,15 +120,20 @@ class ProbeTrainer:
         self._stop = True
 
     def fit(self, batches: Callable[[int], Iterable[Any]],
-            loss_fn: Callable[[Any, int], List[torch.Tensor]],
-            eval_fn: Optional[EvalFn] = None, eval_interval: int = 0) -> None:
+            loss_fn: Callable[[Any, int, int], torch.Tensor],
+            eval_fn: Optional[EvalFn] = None, eval_interval: int = 0,
+            prepare: Optional[Callable[[Any], Any]] = None) -> None:
         """Run from the last checkpoint to ``max_iters``.
 
         Args:
             batches: ``batches(start)`` yields the batches of iterations ``start..max_iters-1`` in order.
-            loss_fn: ``loss_fn(batch, it)`` returns one scalar loss per head.
+            loss_fn: ``loss_fn(inputs, it, j)`` returns head j's scalar loss. Heads are backpropagated one
+                after the other, so only one head's activations (e.g. logits upsampled to 512x512 for 150
+                classes) are alive at a time; the result equals one backward of the summed losses.
             eval_fn: ``eval_fn(it)`` returns {head name: {metric: value}} (heads are in eval mode).
             eval_interval: evaluate every this many iterations and at the end (0 = only at the end).
+            prepare: ``prepare(batch)`` -> the inputs shared by all heads (e.g. frozen backbone features),
+                computed once per iteration; default: the batch itself.
         """
         from tqdm.auto import tqdm
 
@@ -149,15 +154,19 @@ class ProbeTrainer:
             for batch in batches(start):
                 it = self.iteration
                 self._set_hyper(it)
-                losses = loss_fn(batch, it)
+                inputs = prepare(batch) if prepare is not None else batch
                 self.optimizer.zero_grad(set_to_none=True)
-                torch.stack(losses).sum().backward()  # heads are independent: each gets its own gradient
+                losses = []
+                for j in range(len(self.heads)):  # heads are independent: each gets its own gradient
+                    loss = loss_fn(inputs, it, j)
+                    loss.backward()
+                    losses.append(loss.detach())
                 if self.grad_clip:
                     for h in self.heads.heads:
                         nn.utils.clip_grad_norm_(h.parameters(), float(self.grad_clip), norm_type=2.0)
                 self.optimizer.step()
                 for j, loss in enumerate(losses):
-                    self._loss_sum[j] += float(loss.detach())
+                    self._loss_sum[j] += float(loss)
                 self._loss_n += 1
                 self.iteration = it = it + 1
                 if it % self.log_interval == 0 or it == self.max_iters:
@@ -174,7 +183,7 @@ class ProbeTrainer:
                 if it % self.checkpoint_interval == 0 and it < self.max_iters:
                     self.save()
                 bar.update(1)
-                bar.set_postfix(loss=f"{min(float(x.detach()) for x in losses):.4f}", refresh=False)
+                bar.set_postfix(loss=f"{min(float(x) for x in losses):.4f}", refresh=False)
                 if self.kill_after is not None and it >= self.kill_after:
                     raise SimulatedKill(f"simulated kill after {it} iterations")
                 if self._stop:

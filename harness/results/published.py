@@ -53,6 +53,23 @@ def _read_one(path: str) -> pd.DataFrame:
     return df
 
 
+def find_published_dir(results_dir: Optional[str] = None) -> Optional[str]:
+    """First folder holding published-number CSVs: ``<results_dir>/published``, ``./results/published``, or the
+    source checkout's ``results/published``. None when the harness runs from an install outside the repository."""
+    candidates = ([os.path.join(results_dir, "published")] if results_dir else []) + [
+        os.path.join(os.getcwd(), "results", "published"), DEFAULT_PUBLISHED_DIR]
+    for d in candidates:
+        if glob.glob(os.path.join(d, "*.csv")):
+            return d
+    return None
+
+
+def empty_published() -> pd.DataFrame:
+    """A published-numbers frame with no rows (reports without the repository's results/published)."""
+    return pd.DataFrame({c: pd.Series(dtype=float if c == "value" else str)
+                         for c in (*COLUMNS, "value_printed", "source_file")})
+
+
 def load_published(task: Optional[str] = None, published_dir: Optional[str] = None) -> pd.DataFrame:
     """All published numbers (optionally of one ``task``), validated; a :class:`ConfigError` names bad rows.
 

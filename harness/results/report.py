@@ -30,7 +30,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import pandas as pd
 
 from ..errors import HarnessError
-from .published import AVG_DATASET, load_published
+from .published import AVG_DATASET, empty_published, find_published_dir, load_published
 from .record import RunRecord, load_records
 
 # -- layouts -------------------------------------------------------------------------------------
@@ -479,7 +479,7 @@ def write_report(results_dir: str = "results", out_csv: Optional[str] = None, ou
         results_dir: holds ``runs/<task>/<protocol>/*.json``.
         out_csv: default ``<results_dir>/leaderboard.csv``.
         out_md: default ``<results_dir>/LEADERBOARD.md``.
-        published_dir: published-number CSVs; default the checkout's ``results/published``.
+        published_dir: published-number CSVs; default :func:`find_published_dir` (none found: ours only).
         official_counts: ``{(dataset, split): images}``; default the dataset registry's split counts.
 
     Returns:
@@ -488,7 +488,8 @@ def write_report(results_dir: str = "results", out_csv: Optional[str] = None, ou
     out_csv = out_csv or os.path.join(results_dir, "leaderboard.csv")
     out_md = out_md or os.path.join(results_dir, "LEADERBOARD.md")
     records = select_records(load_records(results_dir), official_counts)
-    published = load_published(published_dir=published_dir)
+    pdir = published_dir or find_published_dir(results_dir)
+    published = load_published(published_dir=pdir) if pdir else empty_published()
     for path in (out_csv, out_md):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(out_csv, "w", newline="") as f:

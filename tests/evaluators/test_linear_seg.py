@@ -6,8 +6,13 @@ mid-training resumes to the same metrics as an uninterrupted one (fast and faith
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -76,11 +81,13 @@ def test_shipped_protocols_hold_the_reference_recipe() -> None:
     assert s["schedule"] == {"policy": "poly", "power": 1.0, "min_lr": 0.0, "warmup_iters": 1500, "warmup_ratio": 1e-6}
     assert (s["max_iters"], s["batch_size"], s["crop_size"], s["slide_crop"], s["slide_stride"]) == \
         (40000, 16, [512, 512], [512, 512], [341, 341])
-    assert (s["train_scale"], s["ratio_range"], s["cat_max_ratio"], s["flip_prob"]) == ([2048, 512], [0.5, 2.0], 0.75, 0.5)
+    assert (s["train_scale"], s["ratio_range"], s["cat_max_ratio"], s["flip_prob"]) == \
+        ([2048, 512], [0.5, 2.0], 0.75, 0.5)
     assert set(f.datasets) == {"voc21", "ade20k", "cityscapes"}
     assert f.settings("cityscapes")["test_scale"] == [2048, 1024]
     fast = get_protocol("linear-seg", "fast")
-    assert fast.id == "fast" and fast.settings("ade20k")["mode"] == "fast" and len(fast.defaults["optimizer"]["lrs"]) > 1
+    assert fast.id == "fast" and fast.settings("ade20k")["mode"] == "fast"
+    assert len(fast.defaults["optimizer"]["lrs"]) > 1
 
 
 def test_fast_probe_learns_colour_coded_classes(voc, cache_dir, tmp_path) -> None:
@@ -182,3 +189,36 @@ def test_clear_errors(voc, cache_dir, tmp_path) -> None:
         yaml.safe_dump(data, f)
     with pytest.raises(ConfigError, match=r"bad\.yaml\) lacks setting\(s\) holdout_fraction"):
         ev.run(config(voc, bad, str(tmp_path), cache_dir))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_subprocess_interrupted_mid_run_resumes_to_the_same_record(voc, cache_dir, tmp_path, sig) -> None:
+    """A real process stopped by Ctrl-C (checkpoint at the current iteration) or SIGKILL (last periodic one)."""
+    proto = scaled_protocol(tmp_path / "fast-sub.yaml", "fast", "fast-sub", max_iters=300,
+                            optimizer={"type": "AdamW", "lrs": [0.05, 0.2], "weight_decay": 1e-4,
+                                       "betas": [0.9, 0.999], "grad_clip": None},
+                            **dict(FAST_SMALL, eval_interval=100, checkpoint_interval=20))
+    ref = EVALUATORS.get("linear-seg")().run(config(voc, proto, str(tmp_path / "a"), cache_dir))
+    results = str(tmp_path / "b")
+    code = ("from harness.evaluators.base import RunConfig; from harness.registry import EVALUATORS; "
+            f"EVALUATORS.get('linear-seg')().run(RunConfig(task='linear-seg', backbone='test-vit-tiny', "
+            f"method='vanilla', dataset='voc21', data_root={voc!r}, protocol={proto!r}, random_init=True, "
+            f"results_dir={results!r}, cache_dir={cache_dir!r}, num_workers=0, progress=False))")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=root, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while not glob.glob(os.path.join(results, "**", "*.ckpt.pt"), recursive=True):
+        assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+        assert time.time() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(sig)
+    out = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode != 0, out[-2000:]
+    if sig == signal.SIGINT:
+        assert "KeyboardInterrupt" in out
+    resumed = EVALUATORS.get("linear-seg")().run(config(voc, proto, results, cache_dir))
+    assert resumed.settings["resumed_from_iter"] and resumed.settings["resumed_from_iter"] > 0
+    assert resumed.metrics == ref.metrics and resumed.settings["heldout"] == ref.settings["heldout"]

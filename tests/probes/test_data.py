@@ -6,8 +6,14 @@ import pytest
 import torch
 
 from harness.datasets.synthetic import write_synthetic_dataset
-from harness.probes.data import (AugmentedSamples, EpochOrder, IterationBatches, register_transforms,
-                                 sample_seed, seg_train_pipeline)
+from harness.probes.data import (
+    AugmentedSamples,
+    EpochOrder,
+    IterationBatches,
+    register_transforms,
+    sample_seed,
+    seg_train_pipeline,
+)
 from harness.probes.features import center_pad, padded_grid, slide_windows
 from harness.registry import DATASETS
 

@@ -18,7 +18,8 @@ def test_seg_head_is_linear_after_batchnorm() -> None:
     head.bn.running_var.uniform_(0.5, 2)
     x = torch.randn(2, 8, 3, 4)
     bn = (x - head.bn.running_mean[None, :, None, None]) / torch.sqrt(head.bn.running_var[None, :, None, None] + 1e-5)
-    expected = torch.einsum("kc,bchw->bkhw", head.conv_seg.weight[:, :, 0, 0], bn) + head.conv_seg.bias[None, :, None, None]
+    weight, bias = head.conv_seg.weight[:, :, 0, 0], head.conv_seg.bias[None, :, None, None]
+    expected = torch.einsum("kc,bchw->bkhw", weight, bn) + bias
     torch.testing.assert_close(head(x), expected, rtol=1e-5, atol=1e-6)
 
 

@@ -31,7 +31,8 @@ def test_cosine_with_warmup_and_onecycle_momentum() -> None:
     assert s.lr(5e-3, 0) == pytest.approx(5e-3 * 1e-3)
     assert s.beta1(0, 0.9) == pytest.approx(0.95)
     end1 = 0.3 * 38400 - 1
-    assert onecycle_beta1(int(end1), 38400) == pytest.approx(0.85 + 0.5 * 0.1 * (1 + math.cos(math.pi * int(end1) / end1)))
+    expected = 0.85 + 0.5 * 0.1 * (1 + math.cos(math.pi * int(end1) / end1))
+    assert onecycle_beta1(int(end1), 38400) == pytest.approx(expected)
     assert s.beta1(38399, 0.9) == pytest.approx(0.95)
     assert min(s.beta1(i, 0.9) for i in range(0, 38400, 97)) == pytest.approx(0.85, abs=1e-4)
 

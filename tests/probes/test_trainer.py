@@ -34,9 +34,9 @@ def batches(start: int):
 
 
 def loss_fn(trainer: ProbeTrainer):
-    def f(b, it):
+    def f(b, it, j):
         x, y = b
-        return [torch.nn.functional.cross_entropy(o, y) for o in trainer.heads(x)]
+        return torch.nn.functional.cross_entropy(trainer.heads.heads[j](x), y)
     return f
 
 
@@ -100,6 +100,27 @@ def test_a_checkpoint_of_another_configuration_is_not_resumed(tmp_path) -> None:
     other.fingerprint = "another"
     run(other)
     assert other.resumed_from is None
+
+
+def test_per_head_backward_equals_one_backward_of_the_sum(tmp_path) -> None:
+    t = make(tmp_path, "seq")
+    run(t)
+    torch.manual_seed(0)
+    heads = HeadBank([LinearSegHead(8, 5), LinearSegHead(8, 5)])
+    opt = torch.optim.AdamW([{"params": list(h.parameters()), "lr": lr} for h, lr in zip(heads.heads, [1e-2, 3e-2])],
+                            betas=(0.9, 0.999), weight_decay=1e-4)
+    sched = Schedule({"policy": "poly", "warmup_iters": 3, "warmup_ratio": 1e-3}, ITERS)
+    heads.train()
+    for it in range(ITERS):
+        for g, base in zip(opt.param_groups, [1e-2, 3e-2]):
+            g["lr"] = sched.lr(base, it)
+        opt.zero_grad()
+        torch.stack([torch.nn.functional.cross_entropy(o, LABELS[it]) for o in heads(FEATS[it])]).sum().backward()
+        for h in heads.heads:
+            torch.nn.utils.clip_grad_norm_(h.parameters(), 1.0)
+        opt.step()
+    for (k, x), (_, y) in zip(t.heads.state_dict().items(), heads.state_dict().items()):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7, msg=k)
 
 
 def test_curves_csv_and_png(tmp_path) -> None:

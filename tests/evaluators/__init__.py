@@ -1,0 +1,1 @@
+"""Evaluator tests (a package so that test basenames may repeat across folders)."""

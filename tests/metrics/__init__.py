@@ -1,0 +1,1 @@
+"""Depth and segmentation metric tests (a package so that test basenames may repeat across folders)."""
