@@ -11,8 +11,7 @@ import os
 import pytest
 import torch
 
-from harness.registry import (BACKBONE_FAMILIES, BACKBONES, DATASETS, EVALUATORS, METHODS, Registry,
-                              RegistryError)
+from harness.registry import BACKBONE_FAMILIES, BACKBONES, DATASETS, EVALUATORS, METHODS, Registry, RegistryError
 
 
 # -- registration ---------------------------------------------------------------------------------

@@ -81,6 +81,12 @@ class NYUDepthV2(DatasetSpec):
     def class_names(self) -> List[str]:
         return []
 
+    def verify(self, root: str, split: str = "test", check_count: bool = True) -> List[str]:
+        """Layout check (``check_count=False``, before a run) or the full :func:`verify_nyu_split` check."""
+        if not check_count or not osp.isdir(root):
+            return super().verify(root, split, check_count=False)
+        return verify_nyu_split(root, split)
+
 
 # ---------------------------------------------------------------------------------------------
 # reading the official files
@@ -275,6 +281,65 @@ def prepare_nyu(mat_path: str, out_root: str, splits_path: Optional[str] = None,
     return summary
 
 
+def _read_manifest(root: str) -> Dict[str, Any]:
+    path = osp.join(root, MANIFEST)
+    if not osp.isfile(path):
+        return {}
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def verify_nyu_split(root: str, split: str, sample: int = VERIFY_SAMPLE) -> List[str]:
+    """Problems with one split of a prepared NYU root (see :func:`verify_nyu`)."""
+    import cv2
+
+    spec = NYUDepthV2()
+    lay = spec.split(split)
+    img_dir, ann_dir = osp.join(root, lay.img_dir), osp.join(root, lay.ann_dir)
+    if not osp.isdir(img_dir) or not osp.isdir(ann_dir):
+        return [f"missing {img_dir} or {ann_dir} ({_HOW_TO_GET})"]
+    problems: List[str] = []
+    ids = spec.image_ids(root, split)
+    missing = [i for i in ids if not osp.isfile(osp.join(ann_dir, i + ".png"))]
+    if missing:
+        problems.append(f"{len(missing)} {split} images have no depth map in {ann_dir}, e.g. {missing[0]}.png")
+    manifest = _read_manifest(root)
+    if split == "test":
+        expected = [NYU_OFFICIAL_TEST]
+    elif manifest.get("train_source") == "bts":
+        expected = [int(manifest.get("train", NYU_BTS_TRAIN))]
+    else:
+        expected = [NYU_OFFICIAL_TRAIN, NYU_BTS_TRAIN]
+    if len(ids) not in expected:
+        problems.append(f"found {len(ids)} {split} images; expected {' or '.join(map(str, expected))}")
+    missing_set = set(missing)
+    present = [i for i in ids if i not in missing_set]
+    step = max(1, len(present) // max(1, sample))
+    for i in present[::step][:sample]:
+        p = osp.join(ann_dir, i + ".png")
+        d = cv2.imread(p, cv2.IMREAD_UNCHANGED)
+        if d is None:
+            problems.append(f"cannot read depth map {p}")
+            continue
+        if d.dtype != np.uint16 or d.ndim != 2:
+            problems.append(f"{p} is {d.dtype} with shape {d.shape}; expected a single-channel 16-bit PNG "
+                            f"in millimetres")
+            continue
+        if tuple(d.shape) != NYU_FRAME_HW:
+            problems.append(f"{p} is {d.shape[0]}x{d.shape[1]}; NYU frames are 480x640")
+        valid = d[d > 0]
+        if valid.size == 0:
+            problems.append(f"{p} has no valid (non-zero) depth")
+        elif float(valid.max()) / DEPTH_SCALE > NYU_MAX_DEPTH_M * 1.05:
+            problems.append(f"{p} reaches {valid.max() / DEPTH_SCALE:.1f} m (> 10 m): not NYU millimetres?")
+        elif float(valid.max()) < 100:
+            problems.append(f"{p} peaks at {valid.max()} -- depth looks stored in metres, not millimetres")
+        if len(problems) > 20:
+            problems.append("... (stopping after 20 problems)")
+            break
+    return problems
+
+
 def verify_nyu(root: str, sample: int = VERIFY_SAMPLE) -> List[str]:
     """Problems with a prepared NYU root (empty list = usable and complete).
 
@@ -283,59 +348,9 @@ def verify_nyu(root: str, sample: int = VERIFY_SAMPLE) -> List[str]:
     values in (0, 10 m] and some valid pixels; frames are 480x640. At most ``sample`` maps per split are
     read (evenly spaced) to keep the check fast; the counts always cover every file.
     """
-    import cv2
-
-    spec = NYUDepthV2()
-    problems: List[str] = []
     if not osp.isdir(root):
         return [f"NYU root {root!r} does not exist ({_HOW_TO_GET})"]
-    manifest: Dict[str, Any] = {}
-    if osp.isfile(osp.join(root, MANIFEST)):
-        with open(osp.join(root, MANIFEST)) as fh:
-            manifest = json.load(fh)
-    for split in ("train", "test"):
-        lay = spec.split(split)
-        img_dir, ann_dir = osp.join(root, lay.img_dir), osp.join(root, lay.ann_dir)
-        if not osp.isdir(img_dir) or not osp.isdir(ann_dir):
-            problems.append(f"missing {img_dir} or {ann_dir} ({_HOW_TO_GET})")
-            continue
-        ids = spec.image_ids(root, split)
-        missing = [i for i in ids if not osp.isfile(osp.join(ann_dir, i + ".png"))]
-        if missing:
-            problems.append(f"{len(missing)} {split} images have no depth map in {ann_dir}, e.g. {missing[0]}.png")
-        if split == "test":
-            expected = [NYU_OFFICIAL_TEST]
-        elif manifest.get("train_source") == "bts":
-            expected = [int(manifest.get("train", NYU_BTS_TRAIN))]
-        else:
-            expected = [NYU_OFFICIAL_TRAIN, NYU_BTS_TRAIN]
-        if len(ids) not in expected:
-            problems.append(f"found {len(ids)} {split} images; expected {' or '.join(map(str, expected))}")
-        present = [i for i in ids if i not in set(missing)]
-        step = max(1, len(present) // max(1, sample))
-        for i in present[::step][:sample]:
-            p = osp.join(ann_dir, i + ".png")
-            d = cv2.imread(p, cv2.IMREAD_UNCHANGED)
-            if d is None:
-                problems.append(f"cannot read depth map {p}")
-                continue
-            if d.dtype != np.uint16 or d.ndim != 2:
-                problems.append(f"{p} is {d.dtype} with shape {d.shape}; expected a single-channel 16-bit PNG "
-                                f"in millimetres")
-                continue
-            if tuple(d.shape) != NYU_FRAME_HW:
-                problems.append(f"{p} is {d.shape[0]}x{d.shape[1]}; NYU frames are 480x640")
-            valid = d[d > 0]
-            if valid.size == 0:
-                problems.append(f"{p} has no valid (non-zero) depth")
-            elif float(valid.max()) / DEPTH_SCALE > NYU_MAX_DEPTH_M * 1.05:
-                problems.append(f"{p} reaches {valid.max() / DEPTH_SCALE:.1f} m (> 10 m): not NYU millimetres?")
-            elif float(valid.max()) < 100:
-                problems.append(f"{p} peaks at {valid.max()} -- depth looks stored in metres, not millimetres")
-            if len(problems) > 20:
-                problems.append("... (stopping after 20 problems)")
-                return problems
-    return problems
+    return verify_nyu_split(root, "train", sample) + verify_nyu_split(root, "test", sample)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -192,7 +192,7 @@ def test_clear_errors(voc, cache_dir, tmp_path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
 def test_subprocess_interrupted_mid_run_resumes_to_the_same_record(voc, cache_dir, tmp_path, sig) -> None:
     """A real process stopped by Ctrl-C (checkpoint at the current iteration) or SIGKILL (last periodic one)."""
     proto = scaled_protocol(tmp_path / "fast-sub.yaml", "fast", "fast-sub", max_iters=300,
