@@ -43,7 +43,8 @@ def test_table_row_counts() -> None:
     assert len(phreg[phreg["table"] == "Table S.4"]) == 5 * 8  # 5 methods x (7 datasets + Avg)
     t2 = phreg[phreg["table"] == "Table 2"]
     assert len(t2) == 16 * 7 and len(t2.groupby(["method", "backbone"])) == 16
-    for paper, protocols in (("sclip", {"sclip"}), ("clearclip", {"clearclip"}), ("naclip", {"naclip", "naclip-paper"})):
+    expected = (("sclip", {"sclip"}), ("clearclip", {"clearclip"}), ("naclip", {"naclip", "naclip-paper"}))
+    for paper, protocols in expected:
         assert set(df[df["paper"] == paper]["protocol"]) == protocols
     naclip = df[df["paper"] == "naclip"]  # README numbers have PAMR on (protocol naclip), the paper's have not
     assert set(naclip[naclip["protocol"] == "naclip"]["table"]) == {"repo README"}
