@@ -48,6 +48,7 @@ from ..probes.losses import (
 from ..probes.schedules import Schedule
 from ..probes.trainer import ProbeTrainer
 from ..registry import DATASETS, EVALUATORS
+from ..results.record import RunRecord
 from .base import Evaluator, RunConfig
 
 TASK = "depth"
@@ -69,7 +70,7 @@ def lr_name(lr: float) -> str:
 class DepthEvaluator(Evaluator):
     """NYUv2 linear depth probe (AdaBins-style bins head; ``faithful`` DVT recipe or ``fast`` cached)."""
 
-    def run(self, cfg: RunConfig) -> Any:
+    def run(self, cfg: RunConfig) -> RunRecord:
         run = start_probe_run(cfg, TASK, default_eval_split="test")
         if run.existing is not None:
             return run.existing
@@ -115,7 +116,8 @@ class DepthEvaluator(Evaluator):
                             int(s["checkpoint_interval"]), int(s["log_interval"]), progress=run.cfg.progress,
                             desc=desc, kill_after=int(kill) if kill is not None else None)
 
-    def _finish(self, run: ProbeRun, trainer: ProbeTrainer, acc: DepthAccumulator, extra: Dict[str, Any]) -> Any:
+    def _finish(self, run: ProbeRun, trainer: ProbeTrainer, acc: DepthAccumulator,
+                extra: Dict[str, Any]) -> RunRecord:
         title = f"{TASK}/{run.protocol.id} {run.model.spec.id} {run.method_name} {run.dataset}"
         extra = dict(extra)
         extra.setdefault("artifacts", {}).update(
@@ -132,7 +134,7 @@ class DepthEvaluator(Evaluator):
         return run.finish({k: m[k] for k in RECORD_METRICS}, len(acc), extra)
 
     # -- faithful --------------------------------------------------------------------------------
-    def _faithful(self, run: ProbeRun, spec: Any, train_split: str) -> Any:
+    def _faithful(self, run: ProbeRun, spec: Any, train_split: str) -> RunRecord:
         s, cfg, model, dev = run.settings, run.cfg, run.model, run.device
         lrs, _, _, _ = self._optim(run)
         if len(lrs) != 1:
@@ -205,7 +207,7 @@ class DepthEvaluator(Evaluator):
         return acc
 
     # -- fast ------------------------------------------------------------------------------------
-    def _fast(self, run: ProbeRun, spec: Any, train_split: str) -> Any:
+    def _fast(self, run: ProbeRun, spec: Any, train_split: str) -> RunRecord:
         s, cfg, model, dev = run.settings, run.cfg, run.model, run.device
         lrs, _, _, _ = self._optim(run)
         crop = (int(s["crop_size"][0]), int(s["crop_size"][1]))

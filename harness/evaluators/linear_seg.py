@@ -42,6 +42,7 @@ from ..probes.heads import HeadBank, LinearSegHead
 from ..probes.schedules import Schedule
 from ..probes.trainer import ProbeTrainer
 from ..registry import DATASETS, EVALUATORS
+from ..results.record import RunRecord
 from .base import Evaluator, RunConfig
 
 TASK = "linear-seg"
@@ -71,7 +72,7 @@ def lr_name(lr: float) -> str:
 class LinearSegEvaluator(Evaluator):
     """Linear segmentation probe on frozen dense features (``faithful`` DINOv2/DVT recipe or ``fast`` cached)."""
 
-    def run(self, cfg: RunConfig) -> Any:
+    def run(self, cfg: RunConfig) -> RunRecord:
         run = start_probe_run(cfg, TASK, default_eval_split="val")
         if run.existing is not None:
             return run.existing
@@ -101,7 +102,7 @@ class LinearSegEvaluator(Evaluator):
                           limit=run.cfg.limit)
 
     def _record(self, run: ProbeRun, spec: Any, acc: IoUAccumulator, n_images: int,
-                extra: Dict[str, Any]) -> Any:
+                extra: Dict[str, Any]) -> RunRecord:
         m = acc.compute()
         names = spec.class_names
         per_class = {c: {"IoU": iou, "Acc": a} for c, iou, a in zip(names, m["IoU"], m["Acc"])}
@@ -124,7 +125,7 @@ class LinearSegEvaluator(Evaluator):
                 "curves_png": trainer.curves.plot(run.artifact("curves.png"), title)}
 
     # -- faithful --------------------------------------------------------------------------------
-    def _faithful(self, run: ProbeRun, spec: Any, train_split: str) -> Any:
+    def _faithful(self, run: ProbeRun, spec: Any, train_split: str) -> RunRecord:
         s, cfg, model, dev = run.settings, run.cfg, run.model, run.device
         lrs, _, _, _ = self._optim(run)
         if len(lrs) != 1:
@@ -204,7 +205,7 @@ class LinearSegEvaluator(Evaluator):
         return acc
 
     # -- fast ------------------------------------------------------------------------------------
-    def _fast(self, run: ProbeRun, spec: Any, train_split: str) -> Any:
+    def _fast(self, run: ProbeRun, spec: Any, train_split: str) -> RunRecord:
         s, cfg, model, dev = run.settings, run.cfg, run.model, run.device
         lrs, _, _, _ = self._optim(run)
         crop = (int(s["crop_size"][0]), int(s["crop_size"][1]))

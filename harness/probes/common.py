@@ -98,6 +98,14 @@ class ProbeRun:
     existing: Optional[RunRecord] = None
     notes: List[str] = field(default_factory=list)
     started: float = field(default_factory=time.time)
+    _weights_identity: Optional[str] = None
+
+    @property
+    def weights_identity(self) -> str:
+        """:func:`weights_identity` of the model, computed once (hashing a random ViT-L takes seconds)."""
+        if self._weights_identity is None:
+            self._weights_identity = weights_identity(self.model)
+        return self._weights_identity
 
     @property
     def mode(self) -> str:
@@ -116,8 +124,8 @@ class ProbeRun:
 
     def fingerprint(self, extra: Dict[str, Any]) -> str:
         """Identifies the training configuration: a checkpoint with another fingerprint is not resumed."""
-        blob = json.dumps({"key": self.key, "settings": self.settings, "seed": self.cfg.seed, **extra},
-                          sort_keys=True, default=str)
+        blob = json.dumps({"key": self.key, "settings": self.settings, "seed": self.cfg.seed,
+                           "weights": self.weights_identity, **extra}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()
 
     @property
@@ -128,7 +136,7 @@ class ProbeRun:
         """What a feature cache's content depends on (probes.md §4.2 / issue: backbone, method, weights hash,
         dataset, resolution), plus the data files themselves (:func:`dataset_fingerprint`)."""
         return {"backbone": self.model.spec.id, "method": self.method_name, "method_params": self.model.params,
-                "weights": weights_identity(self.model), "dataset": self.dataset, "split": split, "view": view,
+                "weights": self.weights_identity, "dataset": self.dataset, "split": split, "view": view,
                 "data_root": os.path.abspath(self.cfg.data_root), "limit": self.cfg.limit,
                 "files": dataset_fingerprint(ds), **extra}
 
