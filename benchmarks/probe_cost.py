@@ -110,11 +110,10 @@ def run_child(**kw: Any) -> Dict[str, Any]:
 
 def prepare_data(work: str, n_train: int, n_val: int) -> Dict[str, str]:
     from harness.datasets.nyu import prepare_nyu, write_synthetic_nyu
-    from harness.datasets.synthetic import DEMO_VOC_CLASSES, _write_voc
+    from harness.datasets.synthetic import write_demo_voc
 
-    voc = _write_voc(os.path.join(work, "voc"), n_train, (96, 128), 0, "train", classes=DEMO_VOC_CLASSES,
-                     family="demo_voc")
-    _write_voc(os.path.join(work, "voc"), n_val, (96, 128), 0, "val", classes=DEMO_VOC_CLASSES, family="demo_voc")
+    voc = write_demo_voc(os.path.join(work, "voc"), n_train, (96, 128), 0, "train")
+    write_demo_voc(os.path.join(work, "voc"), n_val, (96, 128), 0, "val")
     mat, splits = write_synthetic_nyu(os.path.join(work, "nyu_raw"), n_train, n_val, seed=0)
     nyu = os.path.join(work, "nyu")
     prepare_nyu(mat, nyu, splits)

@@ -124,14 +124,6 @@ class Backbone(nn.Module):
         patch = tokens[:, 1 + r:, :].transpose(1, 2).reshape(b, c, grid[0], grid[1])
         return DenseFeatures(patch=patch, cls=tokens[:, 0], registers=tokens[:, 1:1 + r])
 
-    def pad_to_patch_multiple(self, x: torch.Tensor) -> torch.Tensor:
-        """Zero-pad (bottom/right) so H and W are multiples of the patch size (as DVT does)."""
-        p = self.spec.patch_size
-        ph, pw = (-x.shape[-2]) % p, (-x.shape[-1]) % p
-        if ph or pw:
-            x = torch.nn.functional.pad(x, (0, pw, 0, ph))
-        return x
-
 
 class DenseModel(nn.Module):
     """A backbone with a (possibly identity) cleaning method: the object evaluators receive.

@@ -130,7 +130,7 @@ class TimmViTBackbone(Backbone):
         p = self.spec.patch_size
         if x.shape[-2] % p or x.shape[-1] % p:
             raise ValueError(f"input {tuple(x.shape[-2:])} is not a multiple of the patch size {p}; "
-                             f"pad it first (Backbone.pad_to_patch_multiple or harness.probes.features.center_pad)")
+                             f"pad it first (harness.probes.features.center_pad, as DVT does)")
         m = self.model
         x = m.patch_embed(x)  # (B, h, w, D) with dynamic_img_size
         grid = (int(x.shape[1]), int(x.shape[2]))

@@ -330,14 +330,15 @@ def write_synthetic_dataset(name: str, root: str, num_images: int = 4, size: Siz
 DEMO_VOC_CLASSES: Tuple[int, ...] = (7, 8, 12, 15)
 
 
-def write_demo_voc(root: str, num_images: int = 8, size: Size = (240, 320), seed: int = 0) -> str:
-    """A small VOC2012-layout val set with few classes (``DEMO_VOC_CLASSES``) for ``harness demo``.
+def write_demo_voc(root: str, num_images: int = 8, size: Size = (240, 320), seed: int = 0, split: str = "val") -> str:
+    """A small VOC2012-layout set with few classes (``DEMO_VOC_CLASSES``) for ``harness demo`` and probe tests.
 
-    Returns the ``VOCdevkit/VOC2012`` folder (pass it as the ``voc21``/``voc20`` root).
+    Returns the ``VOCdevkit/VOC2012`` folder (pass it as the ``voc21``/``voc20`` root). Call it once per
+    split (``train``, ``val``) to get both under the same root.
     """
     if num_images < 1:
         raise DataError(f"num_images must be >= 1 (got {num_images})")
-    return _write_voc(root, int(num_images), (int(size[0]), int(size[1])), int(seed), "val",
+    return _write_voc(root, int(num_images), (int(size[0]), int(size[1])), int(seed), split,
                       classes=DEMO_VOC_CLASSES, family="demo_voc")
 
 

@@ -19,21 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-Window = Tuple[int, int, int, int]  # y1, y2, x1, x2
-
-
-def slide_windows(h: int, w: int, crop: int, stride: int) -> List[Window]:
-    """mmseg's window grid for an (h, w) image (windows shrink to the image when it is smaller)."""
-    h_grids = max(h - crop + stride - 1, 0) // stride + 1
-    w_grids = max(w - crop + stride - 1, 0) // stride + 1
-    out = []
-    for hi in range(h_grids):
-        for wi in range(w_grids):
-            y1, x1 = hi * stride, wi * stride
-            y2, x2 = min(y1 + crop, h), min(x1 + crop, w)
-            y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
-            out.append((y1, y2, x1, x2))
-    return out
+from ..windows import Window, slide_windows
 
 
 def autocast_for(device: torch.device):

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones.base import DenseFeatures, DenseModel
+from ..windows import slide_windows
 from .heads import depth_head_input
 
 
@@ -46,22 +47,6 @@ def resize(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
-
-
-def slide_windows(h: int, w: int, crop: Tuple[int, int], stride: Tuple[int, int]):
-    """mmseg ``slide_inference`` window boxes (y1, y2, x1, x2); the last row/column is shifted inwards."""
-    h_crop, w_crop = crop
-    h_stride, w_stride = stride
-    h_grids = max(h - h_crop + h_stride - 1, 0) // h_stride + 1
-    w_grids = max(w - w_crop + w_stride - 1, 0) // w_stride + 1
-    boxes = []
-    for hi in range(h_grids):
-        for wi in range(w_grids):
-            y1, x1 = hi * h_stride, wi * w_stride
-            y2, x2 = min(y1 + h_crop, h), min(x1 + w_crop, w)
-            y1, x1 = max(y2 - h_crop, 0), max(x2 - w_crop, 0)
-            boxes.append((y1, y2, x1, x2))
-    return boxes
 
 
 @torch.no_grad()

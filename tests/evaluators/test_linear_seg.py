@@ -19,7 +19,6 @@ import pytest
 import torch
 import yaml
 
-from harness.datasets.synthetic import DEMO_VOC_CLASSES
 from harness.errors import ConfigError, DataError
 from harness.evaluators.base import RunConfig
 from harness.metrics.segmentation import IoUAccumulator
@@ -49,11 +48,11 @@ def voc(tmp_path_factory):
     The datasets helper's VOC writer is used with its class subset (as ``write_demo_voc`` does), so the
     classes are recoverable from a random backbone's features with few images.
     """
-    from harness.datasets.synthetic import _write_voc
+    from harness.datasets.synthetic import write_demo_voc
 
     root = str(tmp_path_factory.mktemp("voc"))
-    data_root = _write_voc(root, 40, (96, 128), 0, "train", classes=DEMO_VOC_CLASSES, family="demo_voc")
-    _write_voc(root, 12, (96, 128), 0, "val", classes=DEMO_VOC_CLASSES, family="demo_voc")
+    data_root = write_demo_voc(root, 40, (96, 128), 0, "train")
+    write_demo_voc(root, 12, (96, 128), 0, "val")
     return data_root
 
 
