@@ -265,6 +265,23 @@ def _published_groups(pub: pd.DataFrame) -> Dict[Tuple[str, str, str, str], Dict
     return out
 
 
+def comparable_protocols(task: str, protocol: str) -> List[str]:
+    """Our protocol id plus the published protocol ids its YAML declares comparable (``compare_with``).
+
+    E.g. ``linear-seg/faithful`` is DVT's lin. recipe, so DVT's and PH-Reg Table 2's numbers (filed under
+    ``dvt`` / ``phreg``) are shown beside it. Unknown protocols (a YAML path) match by id only.
+    """
+    from ..errors import ConfigError
+    from ..protocols import get_protocol
+    from ..registry import RegistryError
+
+    try:
+        extra = get_protocol(task, protocol).extra.get("compare_with") or []
+    except (ConfigError, RegistryError):
+        extra = []
+    return [protocol, *[str(p) for p in extra if p != protocol]]
+
+
 def _source_label(paper: str, table: str) -> str:
     names = {"phreg": "PH-Reg", "dvt": "DVT", "sclip": "SCLIP", "clearclip": "ClearCLIP", "naclip": "NACLIP"}
     return f"{names.get(paper, paper)} {table}"
@@ -309,8 +326,10 @@ def _our_table(layout: _Layout, rows: List[_Row], task: str, protocol: str,
         body.append(line)
         if not with_published:
             continue
-        key = (task, protocol, canonical_method(row.method), row.backbone)
-        for (paper, table), values in sorted(pub_groups.get(key, {}).items()):
+        matches: Dict[Tuple[str, str], Mapping[Column, float]] = {}
+        for proto in comparable_protocols(task, protocol):
+            matches.update(pub_groups.get((task, proto, canonical_method(row.method), row.backbone), {}))
+        for (paper, table), values in sorted(matches.items()):
             if not any(c in values for c in layout.columns):
                 continue
             label = _source_label(paper, table)
@@ -399,8 +418,8 @@ def render_markdown(records: Sequence[RunRecord], published: pd.DataFrame, resul
         "percentages, Pearson is in [-1, 1], RMSE in metres.",
         "- OVSS Avg is the mean of the 8 datasets (7 for Pearson, as in PH-Reg Table S.4), shown only when all "
         f"are present, else {DASH}.",
-        "- `↳ published` rows: the same method, backbone and protocol id in a paper or README; `↳ Δ` = ours − "
-        "published. Compare only rows whose protocol really matches (see results/README.md).",
+        "- `↳ published` rows: the same method and backbone in a paper or README, under the same protocol id or one "
+        "the protocol's YAML lists in `compare_with`; `↳ Δ` = ours − published (see results/README.md).",
         f"- {PARTIAL_MARK} = partial run (`--limit`, or fewer images than the official split): not comparable.",
         "- Weights: first 8 hex digits of the weights file's sha256.",
     ]

@@ -192,7 +192,7 @@ def test_fast_depth_probe_beats_half_the_mean_depth_baseline(nyu, cache_dir, tmp
     assert rec.protocol == "fast-small" and rec.settings["mode"] == "fast" and rec.num_images == 6
     assert any("per image and averaged over images" in n for n in rec.notes)
     assert rec.settings["loss"]["gradient_loss"] == "spatial" and rec.settings["token_grid_train"] == [8, 10]
-    assert 0 <= rec.metrics["delta1"] <= 1 and rec.metrics["delta1"] > 0.9
+    assert 0 <= rec.metrics["delta1"] <= 100 and rec.metrics["delta1"] > 90  # percent, as the papers print it
     assert os.path.isfile(rec.settings["artifacts"]["curves_png"])
 
 
