@@ -58,7 +58,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, nargs=2, default=(448, 597))
     ap.add_argument("--crop", type=int, default=336)
     ap.add_argument("--stride", type=int, default=112)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "ovss_throughput.md"))
     a = ap.parse_args()

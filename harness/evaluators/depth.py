@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from ..errors import ConfigError, DataError
 from ..metrics.depth import DEPTH_METRICS, LOWER_IS_BETTER, DepthAccumulator
 from ..probes.cache import FeatureCache, cache_dir_name
-from ..probes.common import ProbeRun, require, seeded, start_probe_run
+from ..probes.common import ProbeEvaluator, ProbeRun, lr_name, seeded
 from ..probes.data import (
     AugmentedSamples,
     IterationBatches,
@@ -32,7 +32,6 @@ from ..probes.data import (
     depth_fixed_view_pipeline,
     depth_test_pipeline,
     depth_train_pipeline,
-    register_transforms,
 )
 from ..probes.extract import FixedViewSamples, fill_cache
 from ..probes.features import dense_features, depth_flip_average, depth_from_features, resize
@@ -45,11 +44,9 @@ from ..probes.losses import (
     SIGLOSS_WEIGHT,
     depth_loss,
 )
-from ..probes.schedules import Schedule
 from ..probes.trainer import ProbeTrainer
-from ..registry import DATASETS, EVALUATORS
+from ..registry import EVALUATORS
 from ..results.record import RunRecord
-from .base import Evaluator, RunConfig
 
 TASK = "depth"
 COMMON_KEYS = ("train_split", "depth_rescale_factor", "min_depth", "max_depth", "eigen_crop", "flip_test",
@@ -69,41 +66,22 @@ def record_metrics(m: Dict[str, float]) -> Dict[str, float]:
     return {k: m[k] * 100.0 if k in PERCENT_METRICS else m[k] for k in RECORD_METRICS}
 
 
-def lr_name(lr: float) -> str:
-    return f"lr={lr:g}"
-
-
 @EVALUATORS.register(TASK)
-class DepthEvaluator(Evaluator):
+class DepthEvaluator(ProbeEvaluator):
     """NYUv2 linear depth probe (AdaBins-style bins head; ``faithful`` DVT recipe or ``fast`` cached)."""
 
-    def run(self, cfg: RunConfig) -> RunRecord:
-        run = start_probe_run(cfg, TASK, default_eval_split="test")
-        if run.existing is not None:
-            return run.existing
-        require(run.settings, COMMON_KEYS + (FAITHFUL_KEYS if run.mode == "faithful" else FAST_KEYS), run.where)
-        register_transforms()
-        spec = DATASETS.get(run.dataset)
+    task = TASK
+    optimiser_source = "DVT's NYU probe optimiser"
+    default_eval_split = "test"
+    common_keys, faithful_keys, fast_keys = COMMON_KEYS, FAITHFUL_KEYS, FAST_KEYS
+
+    def _check_dataset(self, run: ProbeRun, spec: Any) -> None:
         if spec.num_classes != 0 or spec.mmseg_type != "NYUDataset":
             raise ConfigError(f"the depth probe needs a depth dataset (nyu); {run.dataset!r} is not one")
-        train_split = str(run.settings["train_split"])
-        if train_split not in spec.splits:
-            raise ConfigError(f"protocol {run.where}: dataset {run.dataset!r} has no split {train_split!r}")
         if run.mode == "fast" and str(run.settings["select_metric"]) not in DEPTH_METRICS:
             raise ConfigError(f"protocol {run.where}: select_metric must be one of {', '.join(DEPTH_METRICS)}")
-        if run.mode == "faithful":
-            return self._faithful(run, spec, train_split)
-        return self._fast(run, spec, train_split)
 
     # -- shared ----------------------------------------------------------------------------------
-    def _optim(self, run: ProbeRun) -> Tuple[List[float], float, Tuple[float, float], Any]:
-        o = run.settings["optimizer"]
-        if str(o.get("type", "AdamW")) != "AdamW":
-            raise ConfigError(f"protocol {run.where}: optimizer.type must be AdamW (DVT's NYU probe optimiser)")
-        lrs = o.get("lrs") or [o["lr"]]
-        return ([float(x) for x in lrs], float(o["weight_decay"]), (float(o["betas"][0]), float(o["betas"][1])),
-                o.get("grad_clip"))
-
     def _head(self, run: ProbeRun, in_channels: int) -> DepthBinsHead:
         s = run.settings
         return DepthBinsHead(in_channels, int(s["n_bins"]), float(s["min_depth"]), float(s["max_depth"]),
@@ -113,23 +91,10 @@ class DepthEvaluator(Evaluator):
         s = run.settings
         return DepthAccumulator(float(s["min_depth"]), float(s["max_depth"]), eigen_crop=eigen)
 
-    def _trainer(self, run: ProbeRun, heads: HeadBank, names: List[str], lrs: List[float],
-                 fp_extra: Dict[str, Any], desc: str) -> ProbeTrainer:
-        s = run.settings
-        _, wd, betas, clip = self._optim(run)
-        kill = run.cfg.extra.get("kill_after_iters")  # test hook: abandon the run like SIGKILL
-        return ProbeTrainer(heads, names, lrs, wd, betas, clip, Schedule(s["schedule"], int(s["max_iters"])),
-                            int(s["max_iters"]), run.artifact("ckpt.pt"), run.fingerprint(fp_extra),
-                            int(s["checkpoint_interval"]), int(s["log_interval"]), progress=run.cfg.progress,
-                            desc=desc, kill_after=int(kill) if kill is not None else None)
-
     def _finish(self, run: ProbeRun, trainer: ProbeTrainer, acc: DepthAccumulator,
                 extra: Dict[str, Any]) -> RunRecord:
-        title = f"{TASK}/{run.protocol.id} {run.model.spec.id} {run.method_name} {run.dataset}"
         extra = dict(extra)
-        extra.setdefault("artifacts", {}).update(
-            curves_csv=trainer.curves.write_csv(run.artifact("curves.csv")),
-            curves_png=trainer.curves.plot(run.artifact("curves.png"), title))
+        extra.setdefault("artifacts", {}).update(self._write_curves(run, trainer))
         extra.update(loss={"sigloss_weight": SIGLOSS_WEIGHT, "sigloss_lambda": 1 - SIGLOSS_MEAN_WEIGHT,
                            "gradient_loss_weight": GRADIENT_LOSS_WEIGHT, "gradient_loss": "spatial",
                            "gradient_strides": list(GRADIENT_STRIDES), "log_eps": LOG_EPS},

@@ -15,7 +15,7 @@ backbone (DINOv2, CLIP with MaskCLIP's value path, ...) are probed the same way.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Tuple
 
 import numpy as np
 import torch
@@ -25,13 +25,12 @@ from torch.utils.data import DataLoader
 from ..errors import ConfigError, DataError
 from ..metrics.segmentation import IoUAccumulator
 from ..probes.cache import FeatureCache, cache_dir_name
-from ..probes.common import ProbeRun, require, seeded, start_probe_run
+from ..probes.common import ProbeEvaluator, ProbeRun, lr_name, seeded
 from ..probes.data import (
     IGNORE_INDEX,
     AugmentedSamples,
     IterationBatches,
     collate,
-    register_transforms,
     seg_fixed_view_pipeline,
     seg_test_pipeline,
     seg_train_pipeline,
@@ -39,11 +38,8 @@ from ..probes.data import (
 from ..probes.extract import FixedViewSamples, fill_cache
 from ..probes.features import dense_features, padded_grid, resize, slide_logits, slide_windows
 from ..probes.heads import HeadBank, LinearSegHead
-from ..probes.schedules import Schedule
-from ..probes.trainer import ProbeTrainer
-from ..registry import DATASETS, EVALUATORS
+from ..registry import EVALUATORS
 from ..results.record import RunRecord
-from .base import Evaluator, RunConfig
 
 TASK = "linear-seg"
 COMMON_KEYS = ("train_split", "test_scale", "optimizer", "schedule", "max_iters", "batch_size", "eval_interval",
@@ -64,39 +60,19 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return loss.sum() / target.numel()
 
 
-def lr_name(lr: float) -> str:
-    return f"lr={lr:g}"
-
-
 @EVALUATORS.register(TASK)
-class LinearSegEvaluator(Evaluator):
+class LinearSegEvaluator(ProbeEvaluator):
     """Linear segmentation probe on frozen dense features (``faithful`` DINOv2/DVT recipe or ``fast`` cached)."""
 
-    def run(self, cfg: RunConfig) -> RunRecord:
-        run = start_probe_run(cfg, TASK, default_eval_split="val")
-        if run.existing is not None:
-            return run.existing
-        require(run.settings, COMMON_KEYS + (FAITHFUL_KEYS if run.mode == "faithful" else FAST_KEYS), run.where)
-        register_transforms()
-        spec = DATASETS.get(run.dataset)
+    task = TASK
+    optimiser_source = "the DINOv2/DVT probe optimiser"
+    common_keys, faithful_keys, fast_keys = COMMON_KEYS, FAITHFUL_KEYS, FAST_KEYS
+
+    def _check_dataset(self, run: ProbeRun, spec: Any) -> None:
         if spec.num_classes < 1 or spec.num_classes >= IGNORE_INDEX:
             raise ConfigError(f"dataset {run.dataset!r} is not a segmentation dataset with < 255 classes")
-        train_split = str(run.settings["train_split"])
-        if train_split not in spec.splits:
-            raise ConfigError(f"protocol {run.where}: dataset {run.dataset!r} has no split {train_split!r}")
-        if run.mode == "faithful":
-            return self._faithful(run, spec, train_split)
-        return self._fast(run, spec, train_split)
 
     # -- shared ----------------------------------------------------------------------------------
-    def _optim(self, run: ProbeRun) -> Tuple[List[float], float, Tuple[float, float], Any]:
-        o = run.settings["optimizer"]
-        if str(o.get("type", "AdamW")) != "AdamW":
-            raise ConfigError(f"protocol {run.where}: optimizer.type must be AdamW (the DINOv2/DVT probe optimiser)")
-        lrs = o.get("lrs") or [o["lr"]]
-        return ([float(x) for x in lrs], float(o["weight_decay"]), (float(o["betas"][0]), float(o["betas"][1])),
-                o.get("grad_clip"))
-
     def _val_dataset(self, run: ProbeRun, spec: Any):
         return spec.build(run.cfg.data_root, run.eval_split, seg_test_pipeline(run.settings["test_scale"]),
                           limit=run.cfg.limit)
@@ -108,21 +84,6 @@ class LinearSegEvaluator(Evaluator):
         per_class = {c: {"IoU": iou, "Acc": a} for c, iou, a in zip(names, m["IoU"], m["Acc"])}
         run.notes.append("metrics x100; IoU accumulated over the split, mIoU = nanmean over classes (mmseg IoUMetric)")
         return run.finish({"mIoU": m["mIoU"], "mAcc": m["mAcc"], "aAcc": m["aAcc"]}, n_images, extra, per_class)
-
-    def _trainer(self, run: ProbeRun, heads: HeadBank, names: List[str], lrs: List[float], fp_extra: Dict[str, Any],
-                 desc: str) -> ProbeTrainer:
-        s = run.settings
-        _, wd, betas, clip = self._optim(run)
-        kill = run.cfg.extra.get("kill_after_iters")  # test hook: abandon the run like SIGKILL
-        return ProbeTrainer(heads, names, lrs, wd, betas, clip, Schedule(s["schedule"], int(s["max_iters"])),
-                            int(s["max_iters"]), run.artifact("ckpt.pt"), run.fingerprint(fp_extra),
-                            int(s["checkpoint_interval"]), int(s["log_interval"]), progress=run.cfg.progress,
-                            desc=desc, kill_after=int(kill) if kill is not None else None)
-
-    def _write_curves(self, run: ProbeRun, trainer: ProbeTrainer) -> Dict[str, str]:
-        title = f"{TASK}/{run.protocol.id} {run.model.spec.id} {run.method_name} {run.dataset}"
-        return {"curves_csv": trainer.curves.write_csv(run.artifact("curves.csv")),
-                "curves_png": trainer.curves.plot(run.artifact("curves.png"), title)}
 
     # -- faithful --------------------------------------------------------------------------------
     def _faithful(self, run: ProbeRun, spec: Any, train_split: str) -> RunRecord:

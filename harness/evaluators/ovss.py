@@ -26,6 +26,9 @@ from .base import Evaluator, RunConfig
 
 #: images per loader batch; all their windows are pooled into backbone batches of ``batch_size``
 IMAGES_PER_STEP = 4
+#: default windows per backbone batch on CPU: larger batches were slower on the 2-core machine
+#: (benchmarks/RESULTS.md: batch 8 0.29 img/s, batch 2 0.36 img/s, batch 1 0.35 img/s)
+CPU_BATCH = 2
 #: save a partial accumulator this often, so an interrupted run resumes where it stopped
 CHECKPOINT_EVERY_S = 60.0
 
@@ -106,7 +109,7 @@ class OVSSEvaluator(Evaluator):
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, indices[done:]),
                                              batch_size=IMAGES_PER_STEP, num_workers=cfg.num_workers,
                                              collate_fn=_collate, persistent_workers=False)
-        bs = cfg.batch_size or (32 if device.type == "cuda" else 8)
+        bs = cfg.batch_size or (32 if device.type == "cuda" else CPU_BATCH)
         label = ",".join(j.method for j in jobs)
         bar = progress(total=len(indices), desc=f"{label}/{dataset_name}", enabled=cfg.progress and dist.is_main)
         bar.update(done)

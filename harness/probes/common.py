@@ -15,18 +15,21 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..backbones.base import DenseModel
 from ..errors import ConfigError
-from ..evaluators.base import RunConfig
+from ..evaluators.base import Evaluator, RunConfig
 from ..models import build_dense_model
 from ..protocols import Protocol, get_protocol
 from ..registry import BACKBONES, DATASETS, METHODS
 from ..results.record import RunRecord, read_record, record_path, run_key, write_record
 from ..runtime import device_description, select_device
+from .heads import HeadBank
+from .schedules import Schedule
+from .trainer import ProbeTrainer
 
 MODES = ("faithful", "fast")
 
@@ -211,3 +214,73 @@ def start_probe_run(cfg: RunConfig, task: str, default_eval_split: str) -> Probe
     if os.path.isfile(path) and not cfg.force:
         run.existing = read_record(path)
     return run
+
+
+def lr_name(lr: float) -> str:
+    """Name of a head in a learning-rate grid (``lr=0.001``)."""
+    return f"lr={lr:g}"
+
+
+class ProbeEvaluator(Evaluator):
+    """What the linear-seg and depth evaluators share: optimiser settings, the trainer and its curves."""
+
+    task: str = ""
+    #: whose probe optimiser the protocol must name, for the error message
+    optimiser_source: str = ""
+    default_eval_split: str = "val"
+    #: protocol settings every run needs, and those of each mode
+    common_keys: Sequence[str] = ()
+    faithful_keys: Sequence[str] = ()
+    fast_keys: Sequence[str] = ()
+
+    def run(self, cfg: RunConfig) -> RunRecord:
+        """Resolve the run, skip it if finished, check the protocol and dataset, then train and test."""
+        from .data import register_transforms
+
+        run = start_probe_run(cfg, self.task, default_eval_split=self.default_eval_split)
+        if run.existing is not None:
+            return run.existing
+        mode_keys = self.faithful_keys if run.mode == "faithful" else self.fast_keys
+        require(run.settings, tuple(self.common_keys) + tuple(mode_keys), run.where)
+        register_transforms()
+        spec = DATASETS.get(run.dataset)
+        self._check_dataset(run, spec)
+        train_split = str(run.settings["train_split"])
+        if train_split not in spec.splits:
+            raise ConfigError(f"protocol {run.where}: dataset {run.dataset!r} has no split {train_split!r}")
+        if run.mode == "faithful":
+            return self._faithful(run, spec, train_split)
+        return self._fast(run, spec, train_split)
+
+    def _check_dataset(self, run: "ProbeRun", spec: Any) -> None:
+        """Raise :class:`ConfigError` when ``spec`` does not suit this probe or the protocol's settings."""
+
+    def _faithful(self, run: "ProbeRun", spec: Any, train_split: str) -> RunRecord:
+        raise NotImplementedError
+
+    def _fast(self, run: "ProbeRun", spec: Any, train_split: str) -> RunRecord:
+        raise NotImplementedError
+
+    def _optim(self, run: "ProbeRun") -> Tuple[List[float], float, Tuple[float, float], Any]:
+        o = run.settings["optimizer"]
+        if str(o.get("type", "AdamW")) != "AdamW":
+            raise ConfigError(f"protocol {run.where}: optimizer.type must be AdamW ({self.optimiser_source})")
+        lrs = o.get("lrs") or [o["lr"]]
+        return ([float(x) for x in lrs], float(o["weight_decay"]), (float(o["betas"][0]), float(o["betas"][1])),
+                o.get("grad_clip"))
+
+    def _trainer(self, run: "ProbeRun", heads: HeadBank, names: List[str], lrs: List[float],
+                 fp_extra: Dict[str, Any], desc: str) -> ProbeTrainer:
+        s = run.settings
+        _, wd, betas, clip = self._optim(run)
+        kill = run.cfg.extra.get("kill_after_iters")  # test hook: abandon the run like SIGKILL
+        return ProbeTrainer(heads, names, lrs, wd, betas, clip, Schedule(s["schedule"], int(s["max_iters"])),
+                            int(s["max_iters"]), run.artifact("ckpt.pt"), run.fingerprint(fp_extra),
+                            int(s["checkpoint_interval"]), int(s["log_interval"]), progress=run.cfg.progress,
+                            desc=desc, kill_after=int(kill) if kill is not None else None)
+
+    def _write_curves(self, run: "ProbeRun", trainer: ProbeTrainer) -> Dict[str, str]:
+        """Loss and validation curves as CSV and PNG next to the record."""
+        title = f"{self.task}/{run.protocol.id} {run.model.spec.id} {run.method_name} {run.dataset}"
+        return {"curves_csv": trainer.curves.write_csv(run.artifact("curves.csv")),
+                "curves_png": trainer.curves.plot(run.artifact("curves.png"), title)}

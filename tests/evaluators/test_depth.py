@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
-import yaml
 
 from harness.datasets.nyu import bts_name, prepare_nyu, verify_nyu, write_synthetic_nyu
 from harness.errors import ConfigError, DataError
@@ -19,19 +18,14 @@ from harness.probes.trainer import SimulatedKill
 from harness.protocols import get_protocol
 from harness.registry import DATASETS, EVALUATORS
 
-PROTOCOLS = os.path.join(os.path.dirname(__file__), "..", "..", "harness", "protocols", "depth")
+from .helpers import scaled_protocol
+
 METRICS = {"rmse", "abs_rel", "sq_rel", "rmse_log", "log10", "silog", "delta1", "delta2", "delta3"}
 
 
-def scaled_protocol(path, base: str, new_id: str, **overrides) -> str:
-    with open(os.path.join(PROTOCOLS, f"{base}.yaml")) as f:
-        data = yaml.safe_load(f)
-    data["id"] = new_id
-    data.pop("default", None)
-    data["defaults"].update(overrides)
-    with open(path, "w") as f:
-        yaml.safe_dump(data, f)
-    return str(path)
+
+def scaled_protocol_t(path, base, new_id, **overrides):
+    return scaled_protocol(path, "depth", base, new_id, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +171,7 @@ FAST_SMALL = dict(crop_size=[112, 140], batch_size=4, holdout_fraction=0.2, sigl
 
 
 def test_fast_depth_probe_beats_half_the_mean_depth_baseline(nyu, cache_dir, tmp_path) -> None:
-    proto = scaled_protocol(tmp_path / "fast-small.yaml", "fast", "fast-small", max_iters=200,
+    proto = scaled_protocol_t(tmp_path / "fast-small.yaml", "fast", "fast-small", max_iters=200,
                             optimizer={"type": "AdamW", "lrs": [1e-2, 3e-2], "weight_decay": 0.01,
                                        "betas": [0.9, 0.999], "grad_clip": 35},
                             schedule={"policy": "cosine", "min_lr_ratio": 1e-8, "warmup_iters": 66,
@@ -197,7 +191,7 @@ def test_fast_depth_probe_beats_half_the_mean_depth_baseline(nyu, cache_dir, tmp
 
 
 def test_faithful_depth_runs_and_resumes_after_a_kill(nyu, cache_dir, tmp_path) -> None:
-    proto = scaled_protocol(tmp_path / "faithful-small.yaml", "faithful", "faithful-small", crop_size=[112, 140],
+    proto = scaled_protocol_t(tmp_path / "faithful-small.yaml", "faithful", "faithful-small", crop_size=[112, 140],
                             max_iters=6, batch_size=2, eval_interval=3, checkpoint_interval=2, log_interval=1,
                             sigloss_warmup_iters=2, schedule={"policy": "cosine", "min_lr_ratio": 1e-8,
                                                              "warmup_iters": 2, "warmup_ratio": 1e-3,

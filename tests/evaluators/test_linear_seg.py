@@ -26,19 +26,11 @@ from harness.probes.trainer import SimulatedKill
 from harness.protocols import get_protocol
 from harness.registry import EVALUATORS
 
-PROTOCOLS = os.path.join(os.path.dirname(__file__), "..", "..", "harness", "protocols", "linear-seg")
+from .helpers import scaled_protocol
 
 
-def scaled_protocol(path, base: str, new_id: str, **overrides) -> str:
-    """The shipped protocol ``base`` with a new id and smaller numbers (CPU-sized), written to ``path``."""
-    with open(os.path.join(PROTOCOLS, f"{base}.yaml")) as f:
-        data = yaml.safe_load(f)
-    data["id"] = new_id
-    data.pop("default", None)
-    data["defaults"].update(overrides)
-    with open(path, "w") as f:
-        yaml.safe_dump(data, f)
-    return str(path)
+def scaled_protocol_t(path, base, new_id, **overrides):
+    return scaled_protocol(path, "linear-seg", base, new_id, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +82,7 @@ def test_shipped_protocols_hold_the_reference_recipe() -> None:
 
 
 def test_fast_probe_learns_colour_coded_classes(voc, cache_dir, tmp_path) -> None:
-    proto = scaled_protocol(tmp_path / "fast-small.yaml", "fast", "fast-small", max_iters=100,
+    proto = scaled_protocol_t(tmp_path / "fast-small.yaml", "fast", "fast-small", max_iters=100,
                             optimizer={"type": "AdamW", "lrs": [0.1, 0.3], "weight_decay": 1e-4,
                                        "betas": [0.9, 0.999], "grad_clip": None}, **FAST_SMALL)
     results = str(tmp_path / "results")
@@ -116,7 +108,7 @@ def test_fast_probe_learns_colour_coded_classes(voc, cache_dir, tmp_path) -> Non
 
 
 def test_fast_run_killed_mid_training_resumes_to_the_same_record(voc, cache_dir, tmp_path) -> None:
-    proto = scaled_protocol(tmp_path / "fast-resume.yaml", "fast", "fast-resume", max_iters=30,
+    proto = scaled_protocol_t(tmp_path / "fast-resume.yaml", "fast", "fast-resume", max_iters=30,
                             optimizer={"type": "AdamW", "lrs": [0.05, 0.2], "weight_decay": 1e-4,
                                        "betas": [0.9, 0.999], "grad_clip": None}, **dict(FAST_SMALL, eval_interval=10,
                                                                                           checkpoint_interval=10))
@@ -132,7 +124,7 @@ def test_fast_run_killed_mid_training_resumes_to_the_same_record(voc, cache_dir,
 
 
 def test_faithful_recipe_runs_with_mmseg_transforms_and_resumes(voc, cache_dir, tmp_path) -> None:
-    proto = scaled_protocol(tmp_path / "faithful-small.yaml", "faithful", "faithful-small", train_scale=[2048, 64],
+    proto = scaled_protocol_t(tmp_path / "faithful-small.yaml", "faithful", "faithful-small", train_scale=[2048, 64],
                             crop_size=[56, 56], test_scale=[2048, 64], slide_crop=[56, 56], slide_stride=[37, 37],
                             max_iters=8, batch_size=4, eval_interval=4, checkpoint_interval=3, log_interval=2,
                             schedule={"policy": "poly", "power": 1.0, "min_lr": 0.0, "warmup_iters": 2,
@@ -180,7 +172,7 @@ def test_clear_errors(voc, cache_dir, tmp_path) -> None:
                          data_root=voc, random_init=True, results_dir=str(tmp_path), progress=False))
     with pytest.raises(DataError, match="does not exist"):
         ev.run(config(str(tmp_path / "nowhere"), "fast", str(tmp_path), cache_dir))
-    bad = scaled_protocol(tmp_path / "bad.yaml", "fast", "bad")
+    bad = scaled_protocol_t(tmp_path / "bad.yaml", "fast", "bad")
     with open(bad) as f:
         data = yaml.safe_load(f)
     del data["defaults"]["holdout_fraction"]
@@ -194,7 +186,7 @@ def test_clear_errors(voc, cache_dir, tmp_path) -> None:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
 def test_subprocess_interrupted_mid_run_resumes_to_the_same_record(voc, cache_dir, tmp_path, sig) -> None:
     """A real process stopped by Ctrl-C (checkpoint at the current iteration) or SIGKILL (last periodic one)."""
-    proto = scaled_protocol(tmp_path / "fast-sub.yaml", "fast", "fast-sub", max_iters=300,
+    proto = scaled_protocol_t(tmp_path / "fast-sub.yaml", "fast", "fast-sub", max_iters=300,
                             optimizer={"type": "AdamW", "lrs": [0.05, 0.2], "weight_decay": 1e-4,
                                        "betas": [0.9, 0.999], "grad_clip": None},
                             **dict(FAST_SMALL, eval_interval=100, checkpoint_interval=20))
