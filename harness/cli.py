@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(one --data-root per dataset, comma-separated in the same order).")
     r.add_argument("task", choices=TASKS)
     r.add_argument("--backbone", required=True, help="backbone id (harness list backbones)")
-    r.add_argument("--method", default="clip", help="method name(s), comma-separated (harness list methods)")
+    r.add_argument("--method", default="vanilla", help="method name(s), comma-separated (harness list methods)")
     r.add_argument("--dataset", required=True, help="dataset name(s), comma-separated (harness list datasets)")
     r.add_argument("--data-root", required=True, help="dataset root(s), comma-separated like --dataset")
     r.add_argument("--protocol", default=None, help="protocol id or YAML path (default: the task's default)")

@@ -122,9 +122,9 @@ def test_far_off_name_has_no_suggestion():
 
 
 def test_aliases_resolve():
-    assert METHODS.canonical("vanilla") == "clip"
+    assert METHODS.canonical("clip") == "vanilla"
     assert METHODS.get("vanilla") is METHODS.get("clip")
-    assert "vanilla" in METHODS and "vanilla" not in METHODS.names()
+    assert "clip" in METHODS and "clip" not in METHODS.names()
     assert DATASETS.canonical("coco_stuff") == "coco_stuff164k"
     assert type(DATASETS.get("coco_stuff")) is type(DATASETS.get("coco_stuff164k"))  # instantiated specs
 
@@ -135,7 +135,7 @@ def clip_backbone():
     from harness.models import build_dense_model
 
     model = build_dense_model("clip-b16-openai", "vanilla", random_init=True)
-    assert model.describe()["method"] == "clip"
+    assert model.describe()["method"] == "vanilla"
     return model.backbone
 
 

@@ -133,8 +133,8 @@ def select_records(records: Iterable[RunRecord],
 # -- method-name matching --------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def canonical_method(name: str) -> str:
-    """Registry-canonical form of a (possibly compound, ``+``-joined) method name, e.g. ``vanilla+dvt`` ->
-    ``clip+dvt``, so published rows written with an alias still match our records. Parts the method
+    """Registry-canonical form of a (possibly compound, ``+``-joined) method name, e.g. ``clip+dvt`` ->
+    ``vanilla+dvt``, so published rows written with an alias still match our records. Parts the method
     registry does not know (``dvt``, ``phreg``, ``pamr``) are kept as they are."""
     from ..registry import METHODS, RegistryError
 

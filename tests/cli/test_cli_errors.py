@@ -219,7 +219,7 @@ def test_list_prints_every_registered_name(capsys, kind):
                 "evaluators": "ovss", "protocols": "ovss/phreg"}[kind]
     assert expected in first_words
     if kind == "methods":
-        assert "aliases: vanilla" in out
+        assert "aliases: clip" in out
 
 
 def test_help_does_not_import_torch(tmp_path):

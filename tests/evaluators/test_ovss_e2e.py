@@ -95,16 +95,16 @@ def test_rerun_skips_finished_record_and_force_recomputes(tmp_path, one_template
             "--results-dir", str(tmp_path / "results"), "--no-progress"]
     assert main(args) == 0
     recs = {r.method: r for r in load_records(str(tmp_path / "results"))}
-    assert set(recs) == {"clip", "maskclip"}
-    created = recs["clip"].created
+    assert set(recs) == {"vanilla", "maskclip"}
+    created = recs["vanilla"].created
     assert main(args) == 0  # finished: records are read back, not recomputed
     again = {r.method: r for r in load_records(str(tmp_path / "results"))}
-    assert again["clip"].created == created and len(again) == 2
-    assert recs["clip"].settings["methods_in_pass"] == ["clip", "maskclip"]  # one shared pass
+    assert again["vanilla"].created == created and len(again) == 2
+    assert recs["vanilla"].settings["methods_in_pass"] == ["vanilla", "maskclip"]  # one shared pass
     assert main(args[:-1] + ["--force", "--no-progress"]) == 0
     forced = {r.method: r for r in load_records(str(tmp_path / "results"))}
-    assert forced["clip"].created >= created and forced["clip"].settings["text_cache_hit"] is True
-    assert forced["clip"].metrics == recs["clip"].metrics
+    assert forced["vanilla"].created >= created and forced["vanilla"].settings["text_cache_hit"] is True
+    assert forced["vanilla"].metrics == recs["vanilla"].metrics
 
 
 def test_interrupted_run_resumes_from_partial_state(tmp_path, one_template, monkeypatch):

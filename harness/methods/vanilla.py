@@ -1,9 +1,12 @@
-"""Vanilla features: the unmodified last block (the "CLIP" row of PH-Reg Table 1)."""
+"""Vanilla features: the unmodified last block (the "CLIP" / "DINOv2" rows of PH-Reg Tables 1 and 2).
+
+Alias ``clip``: the name the OVSS papers give this row for CLIP backbones.
+"""
 from ..backbones.base import DenseModel
 from ..registry import METHODS
 
 
-@METHODS.register("clip", aliases=("vanilla",))
+@METHODS.register("vanilla", aliases=("clip",))
 class Vanilla(DenseModel):
     """Unmodified backbone: softmax(q kᵀ s) attention, residual and FFN kept (ovss.md §1.1, CLIP row)."""
 
@@ -13,5 +16,5 @@ class Vanilla(DenseModel):
         if params:
             from ..errors import ConfigError
 
-            raise ConfigError(f"method 'clip' takes no parameters (got {', '.join(sorted(params))})")
+            raise ConfigError(f"method 'vanilla' takes no parameters (got {', '.join(sorted(params))})")
         super().__init__(backbone)
