@@ -105,7 +105,7 @@ class OVSSEvaluator(Evaluator):
             spec.check_label_map(info["img_path"], info["seg_map_path"])
         text = class_queries(base, names, settings["templates"], device, cfg.cache_dir)
         indices = list(range(dist.rank, n_total, dist.world_size))
-        done = 0 if cfg.force else _load_partials(jobs, dist.rank)
+        done = 0 if cfg.force else _load_partials(jobs, dist.rank, dist.world_size, n_total)
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, indices[done:]),
                                              batch_size=IMAGES_PER_STEP, num_workers=cfg.num_workers,
                                              collate_fn=_collate, persistent_workers=False)
@@ -114,7 +114,8 @@ class OVSSEvaluator(Evaluator):
         bar = progress(total=len(indices), desc=f"{label}/{dataset_name}", enabled=cfg.progress and dist.is_main)
         bar.update(done)
         try:
-            self._loop(loader, jobs, text, settings, spec, bar, device, bs, dist.rank, done, cfg.save_predictions)
+            self._loop(loader, jobs, text, settings, spec, bar, device, bs, dist.rank, done, cfg.save_predictions,
+                       dist.world_size, n_total)
         finally:
             bar.close()
         wall = time.time() - t0
@@ -144,7 +145,7 @@ class OVSSEvaluator(Evaluator):
         return [records[i] for i in range(len(models))]
 
     def _loop(self, loader, jobs: List["_MethodRun"], text, settings, spec, bar, device, bs: int, rank: int,
-              done: int, save_dir: Optional[str] = None) -> None:
+              done: int, save_dir: Optional[str] = None, world_size: int = 1, n_total: int = 0) -> None:
         """Segment every image of ``loader`` for every method; saves partial state periodically and on Ctrl-C."""
         base = jobs[0].model
         mean = torch.tensor(base.spec.mean_255, device=device).view(3, 1, 1)
@@ -180,10 +181,10 @@ class OVSSEvaluator(Evaluator):
                         done += 1
                     bar.update(len(batch))
                     if time.time() - last_save > CHECKPOINT_EVERY_S:
-                        _save_partials(jobs, rank, done)
+                        _save_partials(jobs, rank, done, world_size, n_total)
                         last_save = time.time()
         except KeyboardInterrupt:
-            _save_partials(jobs, rank, done)
+            _save_partials(jobs, rank, done, world_size, n_total)
             raise
 
 
@@ -202,8 +203,13 @@ class _MethodRun:
         return self.path + f".partial-rank{rank}.json"
 
 
-def _load_partials(jobs: List[_MethodRun], rank: int) -> int:
-    """Resume point: images already done by every method of the pass (0 unless all partials agree)."""
+def _load_partials(jobs: List[_MethodRun], rank: int, world_size: int = 1, n_total: int = 0) -> int:
+    """Resume point: images already done by every method of the pass (0 unless all partials agree).
+
+    ``done`` counts images of this rank's shard ``range(rank, n_total, world_size)``, so a partial written
+    under another world size (or for another image count) describes other images: it is not resumed
+    (resuming it would skip some images and count others twice).
+    """
     states = []
     for job in jobs:
         p = job.partial(rank)
@@ -211,7 +217,7 @@ def _load_partials(jobs: List[_MethodRun], rank: int) -> int:
             return 0
         with open(p) as f:
             st = json.load(f)
-        if st.get("key") != job.key:
+        if st.get("key") != job.key or st.get("world_size") != world_size or st.get("num_images") != n_total:
             return 0
         states.append(st)
     if len({int(st["done"]) for st in states}) != 1:
@@ -221,13 +227,14 @@ def _load_partials(jobs: List[_MethodRun], rank: int) -> int:
     return int(states[0]["done"])
 
 
-def _save_partials(jobs: List[_MethodRun], rank: int, done: int) -> None:
+def _save_partials(jobs: List[_MethodRun], rank: int, done: int, world_size: int = 1, n_total: int = 0) -> None:
     for job in jobs:
         path = job.partial(rank)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({"key": job.key, "done": done, "acc": job.acc.state_dict()}, f)
+            json.dump({"key": job.key, "done": done, "world_size": world_size, "num_images": n_total,
+                       "acc": job.acc.state_dict()}, f)
         os.replace(tmp, path)
 
 

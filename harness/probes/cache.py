@@ -95,7 +95,9 @@ class FeatureCache:
             h.flush()
             os.fsync(h.fileno())
         tmp_idx = os.path.join(self.path, "index.tmp.npz")
-        arrays = {f: np.asarray(rows, dtype=np.int64).reshape(len(rows), -1) for f, rows in self._index.items()}
+        # (count, 1 + ndim) rows; (0, 1) when nothing was appended yet (an interruption in the first batch)
+        arrays = {f: np.asarray(rows, dtype=np.int64).reshape(len(rows), -1) if rows else np.zeros((0, 1), np.int64)
+                  for f, rows in self._index.items()}
         np.savez(tmp_idx, **arrays)
         os.replace(tmp_idx, os.path.join(self.path, "index.npz"))
         meta = {"format": CACHE_FORMAT_VERSION, "key_fields": self.key_fields, "fields": self.fields,

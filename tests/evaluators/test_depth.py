@@ -211,3 +211,32 @@ def test_depth_needs_a_depth_dataset(tmp_path) -> None:
                     data_root=str(tmp_path), random_init=True, results_dir=str(tmp_path), progress=False)
     with pytest.raises(ConfigError, match="no entry for dataset 'voc21'"):
         EVALUATORS.get("depth")().run(cfg)
+
+
+def test_fast_baseline_mean_depth_streams_over_the_cache(tmp_path) -> None:
+    """The mean-depth baseline of ``fast`` reads one cached map at a time: on the BTS split (~22k fit views of
+    416x544) concatenating every valid pixel as float64 needed tens of GB. Same value, bounded memory."""
+    import tracemalloc
+
+    from harness.evaluators.depth import mean_valid_depth
+    from harness.probes.cache import FeatureCache
+
+    rng = np.random.default_rng(0)
+    cache = FeatureCache(str(tmp_path / "c"), {"k": 1}, {"depth": "uint16"})
+    cache.open_for_write()
+    maps = []
+    for _ in range(40):
+        d = rng.integers(0, 10000, size=(416, 544)).astype(np.uint16)
+        d[:, :50] = 0  # padding / invalid
+        maps.append(d)
+        cache.append({"depth": d})
+    cache.finish()
+    idx = list(range(0, 40, 2)) + [1, 3]
+    valid = np.concatenate([maps[i][maps[i] > 0].astype(np.float64) for i in idx])
+    tracemalloc.start()
+    got = mean_valid_depth(cache, idx, 0.001)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert got == pytest.approx(valid.mean() * 0.001, rel=1e-12)
+    assert peak < 4 * 416 * 544 * 8  # a few maps' worth, not all 22 (the old concatenation peaked at ~60 MB here)
+    assert np.isnan(mean_valid_depth(cache, [], 0.001))

@@ -152,3 +152,50 @@ def test_interrupted_run_resumes_from_partial_state(tmp_path, one_template, monk
     (resumed,) = load_records(str(tmp_path / "resumed"))
     assert resumed.metrics == clean.metrics
     assert not [f for _, _, fs in os.walk(tmp_path / "resumed") for f in fs if ".partial-" in f]
+
+
+def test_partial_state_of_another_world_size_is_not_resumed(tmp_path, one_template, monkeypatch):
+    """A partial counts images of its rank's shard: resumed under another world size it would skip some images
+    and count others twice, so the run starts its shard over instead."""
+    from harness.datasets.synthetic import write_synthetic_dataset
+    from harness.evaluators import ovss
+    from harness.runtime import Dist
+
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(ovss, "IMAGES_PER_STEP", 1)
+    root = write_synthetic_dataset("voc21", str(tmp_path / "data"), num_images=4, size=(60, 80), seed=3)
+    proto = tmp_path / "proto.yaml"
+    proto.write_text(yaml.safe_dump(TEST_PROTOCOL))
+
+    def args(results):
+        return ["run", "ovss", "--backbone", "clip-b16-openai", "--method", "sclip", "--dataset", "voc21",
+                "--data-root", root, "--random-init", "--protocol", str(proto), "--workers", "0",
+                "--results-dir", str(tmp_path / results), "--no-progress"]
+
+    real = ovss.postprocess
+    calls = {"n": 0}
+
+    def flaky(*a, **k):  # single process: interrupted after images 0 and 1 (partial done=2)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(ovss, "postprocess", flaky)
+    assert main(args("resumed")) == 130
+    # rank 0 of 2 (shard = images 0 and 2); no process group, so all_reduce is a no-op: the record is rank 0's shard
+    monkeypatch.setattr(ovss, "init_distributed", lambda: Dist(rank=0, world_size=2))
+    seen = {"n": 0}
+
+    def counting(*a, **k):
+        seen["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(ovss, "postprocess", counting)
+    assert main(args("resumed")) == 0
+    assert seen["n"] == 2  # both images of the shard, not "done=2 of the single-process order"
+    (resumed,) = load_records(str(tmp_path / "resumed"))
+    monkeypatch.setattr(ovss, "postprocess", real)
+    assert main(args("clean")) == 0
+    (clean,) = load_records(str(tmp_path / "clean"))
+    assert resumed.metrics == clean.metrics and resumed.per_class == clean.per_class

@@ -68,3 +68,17 @@ def test_directory_name_is_readable_and_keyed() -> None:
     b = cache_dir_name({"backbone": "dinov2-b14", "method": "clip", "dataset": "voc21", "split": "train",
                         "view": "v", "weights": "y"})
     assert a.startswith("dinov2-b14__clip__voc21__train__v__") and a != b
+
+
+def test_interruption_before_the_first_item_keeps_an_empty_resumable_cache(tmp_path) -> None:
+    # an extraction killed (Ctrl-C, OOM) in its first batch closes the cache with no item: that must not raise
+    # (it used to fail reshaping the empty index, masking the real error) and must resume from 0
+    c = FeatureCache(str(tmp_path / "c"), {"k": 1}, FIELDS)
+    assert c.open_for_write() == 0
+    c.close()
+    r = FeatureCache(str(tmp_path / "c"), {"k": 1}, FIELDS)
+    assert len(r) == 0 and not r.complete
+    assert r.open_for_write() == 0
+    r.append(item(0))
+    r.finish()
+    assert len(FeatureCache(str(tmp_path / "c"), {"k": 1}, FIELDS)) == 1
