@@ -88,7 +88,7 @@ class OVSSEvaluator(Evaluator):
         for i, model in enumerate(models):
             mname = str(model.describe()["method"])
             key = run_key("ovss", proto.id, proto.version, model.spec.id, model.backbone.weights_id, mname,
-                          model.params, dataset_name, cfg.split, cfg.limit)
+                          model.params, dataset_name, cfg.split, cfg.limit, data_root=cfg.data_root)
             path = record_path(cfg.results_dir, "ovss", proto.id, model.spec.id, mname, dataset_name, key)
             if os.path.isfile(path) and not cfg.force:
                 records[i] = read_record(path)
@@ -166,19 +166,30 @@ class OVSSEvaluator(Evaluator):
                                           int(settings["stride"]), bs)
                     for n, (item, image) in enumerate(zip(batch, images)):
                         gt = torch.from_numpy(np.asarray(item["gt_seg_map"]).astype(np.int64))
-                        for job, per_job in zip(jobs, logits):
+                        preds = []
+                        for per_job in logits:  # every method's prediction first: no state changes yet
                             lg = per_job[n]
                             if pamr_cfg:
                                 img = torch.nn.functional.interpolate(image.image[None], size=image.ori_size,
                                                                       mode="bilinear")
                                 lg = pamr(img, lg[None], int(pamr_cfg["steps"]), tuple(pamr_cfg["dilations"]))[0]
-                            pred = postprocess(lg, text.query_class, spec.num_classes, float(settings["logit_scale"]),
-                                               float(settings["prob_thd"] or 0.0), settings.get("area_thd"))
-                            job.acc.update(pred.cpu(), gt)
-                            if save_dir:
+                            preds.append(postprocess(lg, text.query_class, spec.num_classes,
+                                                     float(settings["logit_scale"]),
+                                                     float(settings["prob_thd"] or 0.0), settings.get("area_thd")))
+                        # then all accumulators together; a Ctrl-C in between rolls them back to `done` images
+                        committed = [job.acc.areas.clone() for job in jobs]
+                        try:
+                            for job, pred in zip(jobs, preds):
+                                job.acc.update(pred.cpu(), gt)
+                        except KeyboardInterrupt:
+                            for job, areas in zip(jobs, committed):
+                                job.acc.areas = areas
+                            raise
+                        done += 1
+                        if save_dir:
+                            for job, pred in zip(jobs, preds):
                                 sub = save_dir if len(jobs) == 1 else os.path.join(save_dir, job.method)
                                 save_prediction(sub, item["img_path"], pred)
-                        done += 1
                     bar.update(len(batch))
                     if time.time() - last_save > CHECKPOINT_EVERY_S:
                         _save_partials(jobs, rank, done, world_size, n_total)

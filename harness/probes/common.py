@@ -205,9 +205,7 @@ def start_probe_run(cfg: RunConfig, task: str, default_eval_split: str) -> Probe
                               cfg.allow_download).to(device)
     method = str(model.describe()["method"])
     key = run_key(task, protocol.id, protocol.version, model.spec.id, model.backbone.weights_id, method,
-                  model.params, dataset, eval_split, cfg.limit)
-    if cfg.seed:  # training runs depend on the seed; run_key has no seed field, so fold it in here
-        key = hashlib.sha256(f"{key}|seed={cfg.seed}".encode()).hexdigest()[:12]
+                  model.params, dataset, eval_split, cfg.limit, data_root=cfg.data_root, seed=cfg.seed)
     path = record_path(cfg.results_dir, task, protocol.id, model.spec.id, method, dataset, key)
     run = ProbeRun(cfg=cfg, task=task, protocol=protocol, settings=settings, dataset=dataset, eval_split=eval_split,
                    model=model, device=device, key=key, path=path)

@@ -100,10 +100,16 @@ def environment() -> Dict[str, str]:
 
 
 def run_key(task: str, protocol: str, protocol_version: int, backbone: str, weights: str, method: str,
-            method_params: Dict[str, Any], dataset: str, split: str, limit: Optional[int]) -> str:
-    """A short stable hash of everything that makes a run unique."""
-    blob = json.dumps([task, protocol, protocol_version, backbone, weights, method, method_params, dataset, split,
-                       limit], sort_keys=True, default=str)
+            method_params: Dict[str, Any], dataset: str, split: str, limit: Optional[int], data_root: str = "",
+            seed: int = 0) -> str:
+    """A short stable hash of everything that makes a run unique (the data folder and seed included, so a
+    run pointed at other files, or trained with another seed, never picks up this run's record or state)."""
+    parts: list = [task, protocol, protocol_version, backbone, weights, method, method_params, dataset, split, limit]
+    if data_root:
+        parts.append(os.path.abspath(data_root))
+    if seed:
+        parts.append(f"seed={seed}")
+    blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
