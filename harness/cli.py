@@ -280,7 +280,8 @@ COMMANDS = {"run": cmd_run, "suite": cmd_suite, "list": cmd_list, "data": cmd_da
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1") if not getattr(args, "download", False) else None
+    if not getattr(args, "download", False):  # no network must never mean a stalled run (README "Weights")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
