@@ -107,8 +107,9 @@ def test_rerun_skips_finished_record_and_force_recomputes(tmp_path, one_template
     assert forced["vanilla"].metrics == recs["vanilla"].metrics
 
 
-def test_interrupted_run_resumes_from_partial_state(tmp_path, one_template, monkeypatch):
-    """Ctrl-C mid-run keeps a partial accumulator; the next run continues and ends with the same numbers."""
+@pytest.fixture()
+def sclip_run(tmp_path, one_template, monkeypatch):
+    """`harness run` arguments (by results folder) for sclip on 4 synthetic VOC images, one image per step."""
     from harness.datasets.synthetic import write_synthetic_dataset
     from harness.evaluators import ovss
 
@@ -123,79 +124,59 @@ def test_interrupted_run_resumes_from_partial_state(tmp_path, one_template, monk
                 "--data-root", root, "--random-init", "--protocol", str(proto), "--workers", "0",
                 "--results-dir", str(tmp_path / results), "--no-progress"]
 
-    assert main(args("clean")) == 0
-    (clean,) = load_records(str(tmp_path / "clean"))
+    return args
 
-    real = ovss.postprocess
-    calls = {"n": 0}
 
-    def flaky(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
+def _patch_postprocess(monkeypatch, interrupt_at=None):
+    """Count post-processing calls (one per image here); raise Ctrl-C at call ``interrupt_at``."""
+    from harness.evaluators import ovss
+    from harness.ovss.inference import postprocess as real
+
+    seen = {"n": 0}
+
+    def patched(*a, **k):
+        seen["n"] += 1
+        if seen["n"] == interrupt_at:
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(ovss, "postprocess", flaky)
-    assert main(args("resumed")) == 130
-    partials = [f for _, _, fs in os.walk(tmp_path / "resumed") for f in fs if ".partial-" in f]
-    assert len(partials) == 1
-    monkeypatch.setattr(ovss, "postprocess", real)
-    seen = {"n": 0}
+    monkeypatch.setattr(ovss, "postprocess", patched)
+    return seen
 
-    def counting(*a, **k):
-        seen["n"] += 1
-        return real(*a, **k)
 
-    monkeypatch.setattr(ovss, "postprocess", counting)
-    assert main(args("resumed")) == 0
+def _partials(folder):
+    return [f for _, _, fs in os.walk(folder) for f in fs if ".partial-" in f]
+
+
+def test_interrupted_run_resumes_from_partial_state(tmp_path, sclip_run, monkeypatch):
+    """Ctrl-C mid-run keeps a partial accumulator; the next run continues and ends with the same numbers."""
+    assert main(sclip_run("clean")) == 0
+    (clean,) = load_records(str(tmp_path / "clean"))
+    _patch_postprocess(monkeypatch, interrupt_at=3)
+    assert main(sclip_run("resumed")) == 130
+    assert len(_partials(tmp_path / "resumed")) == 1
+    seen = _patch_postprocess(monkeypatch)
+    assert main(sclip_run("resumed")) == 0
     assert seen["n"] == 2  # only the two images not finished before the interrupt
     (resumed,) = load_records(str(tmp_path / "resumed"))
     assert resumed.metrics == clean.metrics
-    assert not [f for _, _, fs in os.walk(tmp_path / "resumed") for f in fs if ".partial-" in f]
+    assert not _partials(tmp_path / "resumed")
 
 
-def test_partial_state_of_another_world_size_is_not_resumed(tmp_path, one_template, monkeypatch):
+def test_partial_state_of_another_world_size_is_not_resumed(tmp_path, sclip_run, monkeypatch):
     """A partial counts images of its rank's shard: resumed under another world size it would skip some images
     and count others twice, so the run starts its shard over instead."""
-    from harness.datasets.synthetic import write_synthetic_dataset
     from harness.evaluators import ovss
     from harness.runtime import Dist
 
-    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(ovss, "IMAGES_PER_STEP", 1)
-    root = write_synthetic_dataset("voc21", str(tmp_path / "data"), num_images=4, size=(60, 80), seed=3)
-    proto = tmp_path / "proto.yaml"
-    proto.write_text(yaml.safe_dump(TEST_PROTOCOL))
-
-    def args(results):
-        return ["run", "ovss", "--backbone", "clip-b16-openai", "--method", "sclip", "--dataset", "voc21",
-                "--data-root", root, "--random-init", "--protocol", str(proto), "--workers", "0",
-                "--results-dir", str(tmp_path / results), "--no-progress"]
-
-    real = ovss.postprocess
-    calls = {"n": 0}
-
-    def flaky(*a, **k):  # single process: interrupted after images 0 and 1 (partial done=2)
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(ovss, "postprocess", flaky)
-    assert main(args("resumed")) == 130
+    _patch_postprocess(monkeypatch, interrupt_at=3)  # single process: interrupted after images 0 and 1 (done=2)
+    assert main(sclip_run("resumed")) == 130
     # rank 0 of 2 (shard = images 0 and 2); no process group, so all_reduce is a no-op: the record is rank 0's shard
     monkeypatch.setattr(ovss, "init_distributed", lambda: Dist(rank=0, world_size=2))
-    seen = {"n": 0}
-
-    def counting(*a, **k):
-        seen["n"] += 1
-        return real(*a, **k)
-
-    monkeypatch.setattr(ovss, "postprocess", counting)
-    assert main(args("resumed")) == 0
+    seen = _patch_postprocess(monkeypatch)
+    assert main(sclip_run("resumed")) == 0
     assert seen["n"] == 2  # both images of the shard, not "done=2 of the single-process order"
     (resumed,) = load_records(str(tmp_path / "resumed"))
-    monkeypatch.setattr(ovss, "postprocess", real)
-    assert main(args("clean")) == 0
+    assert main(sclip_run("clean")) == 0
     (clean,) = load_records(str(tmp_path / "clean"))
     assert resumed.metrics == clean.metrics and resumed.per_class == clean.per_class
