@@ -14,7 +14,6 @@ held-out part of train by ``abs_rel``).
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Dict, List, Tuple
 
 import numpy as np
@@ -23,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from ..errors import ConfigError, DataError
 from ..metrics.depth import DEPTH_METRICS, LOWER_IS_BETTER, DepthAccumulator
-from ..probes.cache import FeatureCache, cache_dir_name
+from ..probes.cache import FeatureCache
 from ..probes.common import ProbeEvaluator, ProbeRun, lr_name, seeded
 from ..probes.data import (
     AugmentedSamples,
@@ -215,19 +214,17 @@ class DepthEvaluator(ProbeEvaluator):
 
         train_ds = spec.build(cfg.data_root, train_split, depth_fixed_view_pipeline(scale, crop), limit=cfg.limit)
         view = f"nyucrop-center{crop[0]}x{crop[1]}"
-        tr_fields = run.cache_fields(train_split, view, train_ds, {"depth_rescale_factor": scale})
-        tr_cache = FeatureCache(os.path.join(run.cache_root, cache_dir_name(tr_fields)), tr_fields,
-                                {"patch": "float16", "cls": "float16", "depth": "uint16"})
+        tr_cache = run.open_cache(train_split, view, train_ds, {"depth_rescale_factor": scale},
+                                  {"patch": "float16", "cls": "float16", "depth": "uint16"})
         fill_cache(tr_cache, FixedViewSamples(train_ds, "depth", mean, std, pad_to=crop), featurize,
                    lambda smp: {"depth": to_mm(smp["target"])}, bs, cfg.num_workers, cfg.progress,
                    f"cache {run.dataset}/{train_split}")
         test_ds = spec.build(cfg.data_root, run.eval_split, depth_test_pipeline(scale), limit=cfg.limit)
         tview = "full+flip" if s["flip_test"] else "full"
-        te_fields = run.cache_fields(run.eval_split, tview, test_ds, {"depth_rescale_factor": scale})
         te_names = {"patch": "float16", "cls": "float16", "depth": "uint16"}
         if s["flip_test"]:
             te_names.update(patch_flip="float16", cls_flip="float16")
-        te_cache = FeatureCache(os.path.join(run.cache_root, cache_dir_name(te_fields)), te_fields, te_names)
+        te_cache = run.open_cache(run.eval_split, tview, test_ds, {"depth_rescale_factor": scale}, te_names)
         fill_cache(te_cache, FixedViewSamples(test_ds, "depth", mean, std),
                    featurize_flip if s["flip_test"] else featurize, lambda smp: {"depth": to_mm(smp["target"])},
                    bs, cfg.num_workers, cfg.progress, f"cache {run.dataset}/{run.eval_split}")

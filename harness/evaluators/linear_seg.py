@@ -14,7 +14,6 @@ backbone (DINOv2, CLIP with MaskCLIP's value path, ...) are probed the same way.
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Dict, Tuple
 
 import numpy as np
@@ -24,7 +23,6 @@ from torch.utils.data import DataLoader
 
 from ..errors import ConfigError, DataError
 from ..metrics.segmentation import IoUAccumulator
-from ..probes.cache import FeatureCache, cache_dir_name
 from ..probes.common import ProbeEvaluator, ProbeRun, lr_name, seeded
 from ..probes.data import (
     IGNORE_INDEX,
@@ -180,9 +178,8 @@ class LinearSegEvaluator(ProbeEvaluator):
         # train view: keep-ratio resize to the test scale + centre crop (labels follow), padded to the crop
         train_ds = spec.build(cfg.data_root, train_split, seg_fixed_view_pipeline(scale, crop), limit=cfg.limit)
         view = f"fixed-{scale[0]}x{scale[1]}-crop{crop[0]}x{crop[1]}"
-        tr_fields = run.cache_fields(train_split, view, train_ds, {})
-        tr_cache = FeatureCache(os.path.join(run.cache_root, cache_dir_name(tr_fields)), tr_fields,
-                                {"patch": "float16", "label": "uint8"})
+        tr_cache = run.open_cache(train_split, view, train_ds, {}, {"patch": "float16", "label": "uint8"})
+
         def train_fields(smp: Dict[str, Any]) -> Dict[str, np.ndarray]:
             label = smp["target"].numpy()
             spec.check_label_values(smp["ann_path"], label)
@@ -205,9 +202,8 @@ class LinearSegEvaluator(ProbeEvaluator):
                                       for k in range(0, len(boxes), bs)]))
             return {"patch": torch.stack(out)}
 
-        va_fields = run.cache_fields(run.eval_split, vview, val_ds, {})
-        va_cache = FeatureCache(os.path.join(run.cache_root, cache_dir_name(va_fields)), va_fields,
-                                {"patch": "float16", "label": "uint8", "img_hw": "int32"})
+        va_cache = run.open_cache(run.eval_split, vview, val_ds, {},
+                                  {"patch": "float16", "label": "uint8", "img_hw": "int32"})
 
         def eval_fields(smp: Dict[str, Any]) -> Dict[str, np.ndarray]:
             label = smp["target"].numpy()

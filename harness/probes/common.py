@@ -27,6 +27,7 @@ from ..protocols import Protocol, get_protocol
 from ..registry import BACKBONES, DATASETS, METHODS
 from ..results.record import RunRecord, read_record, record_path, run_key, write_record
 from ..runtime import device_description, select_device
+from .cache import FeatureCache, cache_dir_name
 from .heads import HeadBank
 from .schedules import Schedule
 from .trainer import ProbeTrainer
@@ -142,6 +143,12 @@ class ProbeRun:
                 "weights": self.weights_identity, "dataset": self.dataset, "split": split, "view": view,
                 "data_root": os.path.abspath(self.cfg.data_root), "limit": self.cfg.limit,
                 "files": dataset_fingerprint(ds), **extra}
+
+    def open_cache(self, split: str, view: str, ds: Any, extra: Dict[str, Any], arrays: Dict[str, str]
+                   ) -> FeatureCache:
+        """The feature cache of one (split, view) of this run: its folder is named by :meth:`cache_fields`."""
+        fields = self.cache_fields(split, view, ds, extra)
+        return FeatureCache(os.path.join(self.cache_root, cache_dir_name(fields)), fields, arrays)
 
     @property
     def method_name(self) -> str:
