@@ -21,9 +21,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from harness.models import build_dense_model
+from harness.models import attach_method, build_dense_model
 from harness.ovss.inference import ImageJob, dense_logits, shared_trunk_features, slide_windows
-from harness.registry import METHODS
 from harness.runtime import device_description, select_device
 from harness.text.encoder import class_queries, encode_names, queries_from_names
 from harness.text.names import load_name_set
@@ -65,7 +64,7 @@ def main() -> None:
     device = select_device(a.device)
     torch.manual_seed(0)
     base = build_dense_model("clip-b16-openai", "naclip", random_init=True).to(device)
-    models = {m: (base if m == "naclip" else METHODS.get(m)(base.backbone).eval()) for m in METHODS_5}
+    models = {m: (base if m == "naclip" else attach_method(base.backbone, m)) for m in METHODS_5}
     names = load_name_set("sclip", "voc21")
     imgs = [torch.randn(3, *a.size, device=device) for _ in range(a.images)]
     ori = (375, 500)

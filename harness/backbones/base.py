@@ -1,22 +1,32 @@
-"""The one dense-feature interface that every backbone and every cleaning method satisfies.
+"""The backbone half of the one dense-feature interface: a ViT as stages over laid-out tokens.
 
-Evaluators only ever call :meth:`DenseModel.forward_dense` (and ``encode_text`` for CLIP ids).
-A backbone adapter splits its ViT into three parts so that a method can replace the last block
-without knowing which library built the model:
+A backbone adapter (open_clip, timm, ...) exposes its ViT as stages so that a cleaning method can touch
+any of them without knowing which library built the model (DEVELOPERS.md "Style"):
 
-* :meth:`Backbone.tokens_before_last_block` -- patch embedding, (interpolated) positional
-  embedding, prefix tokens and every block but the last;
-* :meth:`Backbone.last_block_parts` -- the last block's pieces (norms, qkv, out-projection, MLP,
-  layer scales), see :class:`LastBlockParts`;
-* :meth:`Backbone.finalize` -- the final norm (and, for CLIP, ``proj``) applied to *all* tokens.
+* :meth:`Backbone.embed` -- patch embedding, (interpolated) positional embedding and the prefix tokens,
+  *before* any pre-norm. Returns :class:`Tokens`: the (B, L, D) sequence plus a :class:`TokenLayout` that
+  says which positions are CLS, registers, patches and tokens added by methods, and the patch grid.
+* :meth:`Backbone.pre_norm` -- CLIP's ``ln_pre`` / timm's ``norm_pre`` (identity for DINOv2).
+* :meth:`Backbone.block` -- block ``i`` as :class:`BlockParts` (norms, qkv, out-projection, MLP with its
+  activation module reachable for hooks, layer scales, and the library's own block to run it).
+* :meth:`Backbone.final_norm` and :meth:`Backbone.project` -- the final norm and, for CLIP, ``proj``; both
+  act on *all* tokens. :meth:`Backbone.finalize` is the two together.
+
+The layout travels with the tokens, so nothing slices by a backbone's register count: a method that
+adds a token, a backbone without CLS or with registers are all the same code downstream.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Sequence, Tuple
+from dataclasses import dataclass, field, replace
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+
+#: segment kinds of a layout; tokens added by a method are ``added:<method>``
+CLS, REGISTERS, PATCHES = "cls", "registers", "patches"
+#: where a method may insert tokens
+WHERE = ("start", "before_patches", "after_patches", "end")
 
 
 @dataclass(frozen=True)
@@ -24,7 +34,7 @@ class BackboneSpec:
     """What a backbone id binds: architecture, weights and preprocessing, frozen together."""
 
     id: str
-    family: str  # "open_clip" | "timm"
+    family: str  # "open_clip" | "timm" | ...
     arch: str  # library model name, e.g. "ViT-B-16-quickgelu" or "vit_base_patch14_dinov2"
     weights_tag: str  # open_clip pretrained tag or timm pretrained tag
     patch_size: int
@@ -47,18 +57,116 @@ class BackboneSpec:
         return [255.0 * s for s in self.std]
 
 
+@dataclass(frozen=True)
+class TokenLayout:
+    """Which positions of a token sequence are what: ordered ``(kind, count)`` segments and the patch grid.
+
+    Kinds are ``cls``, ``registers`` (the backbone's own), ``patches`` (row-major over ``grid``) and
+    ``added:<method>`` for tokens a cleaning method inserted. Patches are one contiguous segment.
+    """
+
+    segments: Tuple[Tuple[str, int], ...]
+    grid: Tuple[int, int]
+
+    @classmethod
+    def standard(cls, grid: Tuple[int, int], has_cls: bool = True, num_registers: int = 0) -> "TokenLayout":
+        """``[CLS, registers, patches]``: the order of open_clip and timm ViTs."""
+        segs: List[Tuple[str, int]] = []
+        if has_cls:
+            segs.append((CLS, 1))
+        if num_registers:
+            segs.append((REGISTERS, int(num_registers)))
+        segs.append((PATCHES, int(grid[0]) * int(grid[1])))
+        return cls(tuple(segs), (int(grid[0]), int(grid[1])))
+
+    def __post_init__(self) -> None:
+        kinds = [k for k, _ in self.segments]
+        if kinds.count(PATCHES) != 1:
+            raise ValueError(f"a token layout needs exactly one patch segment, got {kinds}")
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"duplicate segment kinds in {kinds}")
+        if dict(self.segments)[PATCHES] != self.grid[0] * self.grid[1]:
+            raise ValueError(f"{dict(self.segments)[PATCHES]} patch tokens do not fill the grid {self.grid}")
+
+    @property
+    def length(self) -> int:
+        return sum(n for _, n in self.segments)
+
+    def has(self, kind: str) -> bool:
+        return any(k == kind for k, _ in self.segments)
+
+    def span(self, kind: str) -> slice:
+        """Positions of segment ``kind`` (an empty slice when absent)."""
+        start = 0
+        for k, n in self.segments:
+            if k == kind:
+                return slice(start, start + n)
+            start += n
+        return slice(0, 0)
+
+    @property
+    def patches(self) -> slice:
+        return self.span(PATCHES)
+
+    @property
+    def cls_index(self) -> Optional[int]:
+        return self.span(CLS).start if self.has(CLS) else None
+
+    @property
+    def added(self) -> List[str]:
+        """Kinds of the tokens methods added, in sequence order."""
+        return [k for k, _ in self.segments if k.startswith("added:")]
+
+    def insert(self, kind: str, count: int, where: str) -> Tuple["TokenLayout", int]:
+        """A new layout with ``count`` tokens of ``kind`` inserted, and the position they start at."""
+        if where not in WHERE:
+            raise ValueError(f"unknown insertion point {where!r}; one of {', '.join(WHERE)}")
+        segs = list(self.segments)
+        idx = {"start": 0, "end": len(segs)}.get(where)
+        if idx is None:
+            p = [k for k, _ in segs].index(PATCHES)
+            idx = p if where == "before_patches" else p + 1
+        segs.insert(idx, (kind, int(count)))
+        new = replace(self, segments=tuple(segs))
+        return new, new.span(kind).start
+
+
+@dataclass
+class Tokens:
+    """A (B, L, D) token sequence and its layout; methods and stages pass these, never bare slices."""
+
+    x: torch.Tensor
+    layout: TokenLayout
+
+    def __post_init__(self) -> None:
+        if self.x.shape[1] != self.layout.length:
+            raise ValueError(f"tokens have length {self.x.shape[1]}, the layout says {self.layout.length}")
+
+    def with_x(self, x: torch.Tensor) -> "Tokens":
+        return Tokens(x, self.layout)
+
+    def part(self, kind: str) -> torch.Tensor:
+        return self.x[:, self.layout.span(kind)]
+
+    def insert(self, kind: str, new: torch.Tensor, where: str) -> "Tokens":
+        """Insert ``new`` (B, n, D) tokens of ``kind`` at ``where`` (see :data:`WHERE`)."""
+        layout, at = self.layout.insert(kind, new.shape[1], where)
+        return Tokens(torch.cat([self.x[:, :at], new.to(self.x.dtype), self.x[:, at:]], dim=1), layout)
+
+
 @dataclass
 class DenseFeatures:
     """Output of the dense interface.
 
     Attributes:
         patch: (B, C, h, w) final patch features on the patch grid.
-        cls: (B, C) class token after the same final processing.
-        registers: (B, R, C) register tokens (R = 0 when the model has none).
+        cls: (B, C) class token after the same final processing (None for a backbone without CLS).
+        registers: (B, R, C) the backbone's own register tokens (R = 0 when it has none). Tokens added
+            by cleaning methods are never part of the dense output.
     """
 
     patch: torch.Tensor
-    cls: torch.Tensor
+    cls: Optional[torch.Tensor]
     registers: torch.Tensor
 
     @property
@@ -66,13 +174,24 @@ class DenseFeatures:
         return int(self.patch.shape[-2]), int(self.patch.shape[-1])
 
 
-@dataclass
-class LastBlockParts:
-    """The last transformer block, decomposed so that a method can rewire it.
+def split_features(tokens: Tokens) -> DenseFeatures:
+    """(B, L, C) final tokens -> :class:`DenseFeatures` by their layout (added tokens dropped)."""
+    x, lay = tokens.x, tokens.layout
+    b, _, c = x.shape
+    patch = x[:, lay.patches].transpose(1, 2).reshape(b, c, lay.grid[0], lay.grid[1])
+    cls = x[:, lay.cls_index] if lay.cls_index is not None else None
+    return DenseFeatures(patch=patch, cls=cls, registers=x[:, lay.span(REGISTERS)])
 
-    ``qkv(y)`` maps the normalised tokens (B, L, D) to q, k, v, each (B, heads, L, head_dim),
-    bias included. ``out_proj`` maps (B, L, D) back to the residual width. ``ls1``/``ls2`` are the
-    layer scales (identity for CLIP).
+
+@dataclass
+class BlockParts:
+    """One transformer block, decomposed so that a method can rewire it or hook into it.
+
+    ``qkv(y)`` maps normalised tokens (B, L, D) to q, k, v, each (B, heads, L, head_dim), bias included.
+    ``out_proj`` maps (B, L, D) back to the residual width. ``ls1``/``ls2`` are the layer scales
+    (identity for CLIP). ``mlp_act`` is the MLP's non-linearity module: its output is the hidden units
+    (a forward hook there sees and edits them). ``run`` applies the library's own block to batch-first
+    tokens, so an untouched block computes exactly what the library computes.
     """
 
     norm1: nn.Module
@@ -80,35 +199,49 @@ class LastBlockParts:
     out_proj: nn.Module
     norm2: nn.Module
     mlp: nn.Module
+    mlp_act: nn.Module
+    mlp_hidden: int
     num_heads: int
+    run: Callable[[torch.Tensor], torch.Tensor]
     ls1: nn.Module = field(default_factory=nn.Identity)
     ls2: nn.Module = field(default_factory=nn.Identity)
 
 
 class Backbone(nn.Module):
-    """A pretrained ViT adapter. Subclasses fill in the three parts described in the module doc."""
+    """A pretrained ViT adapter. Subclasses fill in the stages described in the module doc."""
 
     spec: BackboneSpec
     weights_id: str  # sha256 of the weights file, or "random-init"
 
     @property
-    def num_prefix_tokens(self) -> int:
-        return 1 + self.spec.num_registers
-
-    def tokens_before_last_block(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
-        """Run everything before the last block. Returns tokens (B, L, D) and the patch grid (h, w)."""
+    def num_blocks(self) -> int:
         raise NotImplementedError
 
-    def last_block_parts(self) -> LastBlockParts:
+    @property
+    def width(self) -> int:
+        """Residual width D."""
         raise NotImplementedError
 
-    def last_block(self) -> nn.Module:
-        """The unmodified last block, for the vanilla forward."""
+    def embed(self, images: torch.Tensor) -> Tokens:
+        """Normalised images (B, 3, H, W) -> tokens before the pre-norm, with their layout."""
         raise NotImplementedError
 
-    def finalize(self, tokens: torch.Tensor) -> torch.Tensor:
+    def pre_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def block(self, i: int) -> BlockParts:
+        raise NotImplementedError
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """CLIP's ``proj`` into the joint space; identity for vision-only backbones."""
+        return x
+
+    def finalize(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm (+ projection for CLIP) applied to all tokens (B, L, D) -> (B, L, C)."""
-        raise NotImplementedError
+        return self.project(self.final_norm(x))
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """Text tower for CLIP ids: token ids (N, 77) -> embeddings (N, C), not normalised."""
@@ -117,47 +250,25 @@ class Backbone(nn.Module):
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         raise TypeError(f"backbone {self.spec.id!r} has no text tower")
 
-    def split_tokens(self, tokens: torch.Tensor, grid: Tuple[int, int]) -> DenseFeatures:
-        """(B, L, C) final tokens -> :class:`DenseFeatures` (CLS first, then registers, then patches)."""
-        b, _, c = tokens.shape
-        r = self.spec.num_registers
-        patch = tokens[:, 1 + r:, :].transpose(1, 2).reshape(b, c, grid[0], grid[1])
-        return DenseFeatures(patch=patch, cls=tokens[:, 0], registers=tokens[:, 1:1 + r])
+    def block_index(self, layer: int) -> int:
+        """A 0-based block index from ``layer`` (negative counts from the end), checked against the depth."""
+        n = self.num_blocks
+        i = layer + n if layer < 0 else layer
+        if not 0 <= i < n:
+            raise IndexError(f"layer {layer} is out of range for backbone {self.spec.id!r} with {n} blocks "
+                             f"(0..{n - 1}, or -{n}..-1)")
+        return i
 
 
-class DenseModel(nn.Module):
-    """A backbone with a (possibly identity) cleaning method: the object evaluators receive.
+def attention_qkv_heads(weight: torch.Tensor, bias: Optional[torch.Tensor], heads: int
+                        ) -> Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``qkv`` of :class:`BlockParts` for a fused (3D, D) in-projection (open_clip and timm both use one)."""
 
-    Methods subclass this (see ``harness/methods``) and override :meth:`forward_last`.
-    """
+    def qkv(y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, n, d = y.shape
+        out = nn.functional.linear(y, weight, bias)
+        q, k, v = out.view(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+        return q, k, v
 
-    #: parameters that change the numbers, recorded in every result
-    params: Dict[str, object]
-
-    def __init__(self, backbone: Backbone, **params: object) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.params = dict(params)
-
-    @property
-    def spec(self) -> BackboneSpec:
-        return self.backbone.spec
-
-    def forward_last(self, tokens: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
-        """Apply the (modified) last block to (B, L, D) tokens. Default: the vanilla block."""
-        return self.backbone.last_block()(tokens)
-
-    def forward_dense(self, x: torch.Tensor) -> DenseFeatures:
-        """Images (B, 3, H, W), normalised, H and W multiples of the patch size -> dense features."""
-        tokens, grid = self.backbone.tokens_before_last_block(x)
-        tokens = self.forward_last(tokens, grid)
-        return self.backbone.split_tokens(self.backbone.finalize(tokens), grid)
-
-    def forward(self, x: torch.Tensor) -> DenseFeatures:  # nn.Module convention
-        return self.forward_dense(x)
-
-    def describe(self) -> Dict[str, object]:
-        """Method name, tunable parameters and (for last-block methods) the fixed block configuration."""
-        return {"method": getattr(type(self), "registry_name", type(self).__name__), "params": dict(self.params),
-                "config": dict(getattr(self, "CONFIG", {}))}
+    return qkv
 

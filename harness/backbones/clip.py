@@ -6,14 +6,14 @@ open_clip issue #771). Mean/std and the weights' home come from open_clip's own 
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import WeightsError
 from ..registry import BACKBONE_FAMILIES, BACKBONES
-from .base import Backbone, BackboneSpec, LastBlockParts
+from .base import Backbone, BackboneSpec, BlockParts, TokenLayout, Tokens, attention_qkv_heads
 from .pos_embed import interpolate_patch_pos_embed
 from .weights import sha256_file
 
@@ -75,47 +75,48 @@ class OpenCLIPBackbone(Backbone):
         return cls(spec, model, sha256_file(weights_path))
 
     # -- vision ------------------------------------------------------------------------------
-    def tokens_before_last_block(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    @property
+    def num_blocks(self) -> int:
+        return len(self.visual.transformer.resblocks)
+
+    @property
+    def width(self) -> int:
+        return int(self.visual.class_embedding.shape[-1])
+
+    def embed(self, images: torch.Tensor) -> Tokens:
+        """conv1 patches, CLS, bicubic-interpolated positional embedding (before ``ln_pre``)."""
         v = self.visual
-        x = v.conv1(x)  # (B, D, h, w); the conv floors sizes that are not patch multiples
+        x = v.conv1(images)  # (B, D, h, w); the conv floors sizes that are not patch multiples
         grid = (int(x.shape[-2]), int(x.shape[-1]))
         x = x.flatten(2).transpose(1, 2)
         cls_tok = v.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
         x = torch.cat([cls_tok, x], dim=1)
         pos = v.positional_embedding
         pos = torch.cat([pos[:1], interpolate_patch_pos_embed(pos[1:], grid)], dim=0)
-        x = v.ln_pre(x + pos.to(x.dtype))
-        tr = v.transformer
-        if not getattr(tr, "batch_first", True):
-            x = x.transpose(0, 1)
-        for blk in tr.resblocks[:-1]:
-            x = blk(x)
-        if not getattr(tr, "batch_first", True):
-            x = x.transpose(0, 1)
-        return x, grid
+        return Tokens(x + pos.to(x.dtype), TokenLayout.standard(grid, has_cls=True))
 
-    def last_block(self) -> nn.Module:
-        blk = self.visual.transformer.resblocks[-1]
-        if not getattr(self.visual.transformer, "batch_first", True):
-            return _SeqFirst(blk)
-        return blk
+    def pre_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.visual.ln_pre(x)
 
-    def last_block_parts(self) -> LastBlockParts:
-        blk = self.visual.transformer.resblocks[-1]
+    def block(self, i: int) -> BlockParts:
+        blk = self.visual.transformer.resblocks[i]
         attn: nn.MultiheadAttention = blk.attn
-        heads = attn.num_heads
+        if getattr(self.visual.transformer, "batch_first", True):
+            run = blk
+        else:  # older open_clip runs the stack sequence-first
+            def run(x: torch.Tensor) -> torch.Tensor:
+                return blk(x.transpose(0, 1)).transpose(0, 1)
+        return BlockParts(norm1=blk.ln_1, qkv=attention_qkv_heads(attn.in_proj_weight, attn.in_proj_bias,
+                                                                    attn.num_heads),
+                          out_proj=attn.out_proj, norm2=blk.ln_2, mlp=blk.mlp, mlp_act=blk.mlp.gelu,
+                          mlp_hidden=int(blk.mlp.c_fc.out_features), num_heads=int(attn.num_heads), run=run,
+                          ls1=blk.ls_1, ls2=blk.ls_2)
 
-        def qkv(y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            b, n, d = y.shape
-            out = nn.functional.linear(y, attn.in_proj_weight, attn.in_proj_bias)
-            q, k, v = out.view(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
-            return q, k, v
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.visual.ln_post(x)
 
-        return LastBlockParts(norm1=blk.ln_1, qkv=qkv, out_proj=attn.out_proj, norm2=blk.ln_2, mlp=blk.mlp,
-                              num_heads=heads, ls1=blk.ls_1, ls2=blk.ls_2)
-
-    def finalize(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.visual.ln_post(tokens) @ self.visual.proj
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.visual.proj
 
     # -- text --------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
@@ -156,14 +157,3 @@ def _quiet(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
         return fn(*args, **kwargs)
     finally:
         logger.setLevel(level)
-
-
-class _SeqFirst(nn.Module):
-    """Wraps a sequence-first block so that it takes batch-first tokens."""
-
-    def __init__(self, blk: nn.Module) -> None:
-        super().__init__()
-        self.blk = blk
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blk(x.transpose(0, 1)).transpose(0, 1)

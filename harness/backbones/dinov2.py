@@ -4,7 +4,7 @@ Why timm: DVT loads every backbone it probes as a timm model built with ``dynami
 (phreg-dvt.md §2.4, §2.5), and DVT's released denoisers are keyed by timm names, so the same
 weights and the same positional-embedding interpolation (timm ``resample_abs_pos_embed``) are used
 here. Token order in timm is ``[CLS, reg1..regR, patches]`` (phreg-dvt.md §5.2: ``num_prefix_tokens=5``
-for the reg4 models), which is the order :meth:`Backbone.split_tokens` expects.
+for the reg4 models), which :meth:`TokenLayout.standard` describes.
 
 The dense interface returns the *final-norm* tokens (timm ``norm``), as DVT and DINOv2 probe them
 (``forward_intermediates(norm=True)`` / ``get_intermediate_layers(norm=True)``, probes.md §1.1).
@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import WeightsError
 from ..registry import BACKBONE_FAMILIES, BACKBONES
-from .base import Backbone, BackboneSpec, LastBlockParts
+from .base import Backbone, BackboneSpec, BlockParts, TokenLayout, Tokens
 from .weights import sha256_file
 
 # timm.data.constants.IMAGENET_DEFAULT_MEAN / _STD: the mean/std of timm's DINOv2 pretrained cfgs
@@ -122,34 +122,37 @@ class TimmViTBackbone(Backbone):
         return cls(spec, model.eval(), sha256_file(weights_path))
 
     @property
-    def num_prefix_tokens(self) -> int:
-        return int(self.model.num_prefix_tokens)
+    def num_blocks(self) -> int:
+        return len(self.model.blocks)
 
-    def tokens_before_last_block(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
-        """Patch embed, interpolated position embedding (timm ``dynamic_img_size``), prefix tokens, blocks[:-1]."""
+    @property
+    def width(self) -> int:
+        return int(self.model.embed_dim)
+
+    def embed(self, images: torch.Tensor) -> Tokens:
+        """Patch embed, interpolated position embedding (timm ``dynamic_img_size``) and prefix tokens."""
         p = self.spec.patch_size
-        if x.shape[-2] % p or x.shape[-1] % p:
-            raise ValueError(f"input {tuple(x.shape[-2:])} is not a multiple of the patch size {p}; "
+        if images.shape[-2] % p or images.shape[-1] % p:
+            raise ValueError(f"input {tuple(images.shape[-2:])} is not a multiple of the patch size {p}; "
                              f"pad it first (harness.probes.features.center_pad, as DVT does)")
         m = self.model
-        x = m.patch_embed(x)  # (B, h, w, D) with dynamic_img_size
+        x = m.patch_embed(images)  # (B, h, w, D) with dynamic_img_size
         grid = (int(x.shape[1]), int(x.shape[2]))
-        x = m._pos_embed(x)
-        x = m.patch_drop(x)
-        x = m.norm_pre(x)
-        for blk in m.blocks[:-1]:
-            x = blk(x)
-        return x, grid
+        x = m.patch_drop(m._pos_embed(x))
+        return Tokens(x, TokenLayout.standard(grid, has_cls=True, num_registers=self.spec.num_registers))
 
-    def last_block(self) -> nn.Module:
-        return self.model.blocks[-1]
+    def pre_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.norm_pre(x)
 
-    def last_block_parts(self) -> LastBlockParts:
-        blk = self.model.blocks[-1]
+    def block(self, i: int) -> BlockParts:
+        blk = self.model.blocks[i]
         attn = blk.attn
         heads, head_dim = int(attn.num_heads), int(attn.head_dim)
         if getattr(attn, "gate", None) is not None:
-            raise WeightsError(f"backbone {self.spec.id!r}: gated attention cannot be decomposed into LastBlockParts")
+            raise WeightsError(f"backbone {self.spec.id!r}: gated attention cannot be decomposed into BlockParts")
+        if not hasattr(blk.mlp, "act") or not hasattr(blk.mlp, "fc1"):
+            raise WeightsError(f"backbone {self.spec.id!r}: block {i} has no plain fc1/act/fc2 MLP "
+                               f"({type(blk.mlp).__name__}); its hidden units cannot be hooked")
 
         def qkv(y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             b, n, _ = y.shape
@@ -157,9 +160,10 @@ class TimmViTBackbone(Backbone):
             return attn.q_norm(q), attn.k_norm(k), v
 
         out_proj: nn.Module = attn.proj if isinstance(attn.norm, nn.Identity) else nn.Sequential(attn.norm, attn.proj)
-        return LastBlockParts(norm1=blk.norm1, qkv=qkv, out_proj=out_proj, norm2=blk.norm2, mlp=blk.mlp,
-                              num_heads=heads, ls1=blk.ls1, ls2=blk.ls2)
+        return BlockParts(norm1=blk.norm1, qkv=qkv, out_proj=out_proj, norm2=blk.norm2, mlp=blk.mlp,
+                          mlp_act=blk.mlp.act, mlp_hidden=int(blk.mlp.fc1.out_features), num_heads=heads, run=blk,
+                          ls1=blk.ls1, ls2=blk.ls2)
 
-    def finalize(self, tokens: torch.Tensor) -> torch.Tensor:
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         """timm's final ``norm`` on all tokens (DINOv2's final LayerNorm)."""
-        return self.model.norm(tokens)
+        return self.model.norm(x)

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from ..errors import ConfigError, DataError
 from ..metrics.depth import DEPTH_METRICS, LOWER_IS_BETTER, DepthAccumulator
 from ..probes.cache import FeatureCache
-from ..probes.common import ProbeEvaluator, ProbeRun, lr_name, seeded
+from ..probes.common import lr_name, seeded
 from ..probes.data import (
     AugmentedSamples,
     IterationBatches,
@@ -46,6 +46,7 @@ from ..probes.losses import (
 from ..probes.trainer import ProbeTrainer
 from ..registry import EVALUATORS
 from ..results.record import RunRecord
+from .probe_base import ProbeEvaluator, ProbeRun
 
 TASK = "depth"
 COMMON_KEYS = ("train_split", "depth_rescale_factor", "min_depth", "max_depth", "eigen_crop", "flip_test",

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from ..errors import ConfigError, DataError
 from ..metrics.segmentation import IoUAccumulator
-from ..probes.common import ProbeEvaluator, ProbeRun, lr_name, seeded
+from ..probes.common import lr_name, seeded
 from ..probes.data import (
     IGNORE_INDEX,
     AugmentedSamples,
@@ -38,6 +38,7 @@ from ..probes.features import dense_features, padded_grid, resize, slide_logits,
 from ..probes.heads import HeadBank, LinearSegHead
 from ..registry import EVALUATORS
 from ..results.record import RunRecord
+from .probe_base import ProbeEvaluator, ProbeRun
 
 TASK = "linear-seg"
 COMMON_KEYS = ("train_split", "test_scale", "optimizer", "schedule", "max_iters", "batch_size", "eval_interval",

@@ -14,15 +14,13 @@ from ..datasets.base import check_sample_shapes
 from ..errors import DataError
 from ..methods.pamr import pamr
 from ..metrics.segmentation import IoUAccumulator
-from ..models import build_dense_model
 from ..ovss.inference import ImageJob, dense_logits, postprocess, shared_trunk_features
-from ..protocols import get_protocol
-from ..registry import BACKBONES, DATASETS, EVALUATORS, METHODS
-from ..results.record import RunRecord, read_record, record_path, run_key, write_record
-from ..runtime import device_description, init_distributed, progress, select_device
+from ..registry import EVALUATORS
+from ..results.record import RunRecord, write_record
+from ..runtime import init_distributed, progress, select_device
 from ..text.encoder import class_queries
 from ..text.names import check_class_count, load_name_set
-from .base import Evaluator, RunConfig
+from .base import Evaluator, RunConfig, build_models, finished, identify, make_record, resolve
 
 #: images per loader batch; all their windows are pooled into backbone batches of ``batch_size``
 IMAGES_PER_STEP = 4
@@ -64,36 +62,27 @@ class OVSSEvaluator(Evaluator):
 
         Returns one record per method; finished records are read back, not recomputed (unless --force).
         """
-        BACKBONES.get(cfg.backbone)  # unknown names fail before any work
-        for m in methods:
-            METHODS.get(m)
+        res = resolve(cfg, "ovss", methods)
         dist = init_distributed()
-        proto = get_protocol("ovss", cfg.protocol)
-        spec = DATASETS.get(cfg.dataset)
-        dataset_name = DATASETS.canonical(cfg.dataset)
-        settings = proto.settings(dataset_name)
+        spec, dataset_name, settings = res.spec, res.dataset, res.settings
         device = select_device(cfg.device, dist)
         names = load_name_set(settings["name_set"], spec.key)
         check_class_count(names, spec.num_classes, f"name set {settings['name_set']!r} for {dataset_name}")
         spec.check(cfg.data_root, cfg.split)
 
-        base = build_dense_model(cfg.backbone, methods[0], cfg.method_params if len(methods) == 1 else {},
-                                 cfg.weights, cfg.random_init, cfg.allow_download).to(device)
+        models = build_models(cfg, res.methods, device)
+        base = models[0]
         if not base.spec.has_text:
             raise DataError(f"backbone {cfg.backbone!r} has no text tower; zero-shot segmentation needs a CLIP id")
-        models = [base] + [METHODS.get(m)(base.backbone, **({} if len(methods) > 1 else cfg.method_params)).eval()
-                           for m in methods[1:]]
         jobs: List[_MethodRun] = []
         records: Dict[int, RunRecord] = {}
         for i, model in enumerate(models):
-            mname = str(model.describe()["method"])
-            key = run_key("ovss", proto.id, proto.version, model.spec.id, model.backbone.weights_id, mname,
-                          model.params, dataset_name, cfg.split, cfg.limit, data_root=cfg.data_root)
-            path = record_path(cfg.results_dir, "ovss", proto.id, model.spec.id, mname, dataset_name, key)
-            if os.path.isfile(path) and not cfg.force:
-                records[i] = read_record(path)
+            ident = identify("ovss", res, model, cfg)
+            done_rec = finished(ident, cfg)
+            if done_rec is not None:
+                records[i] = done_rec
             else:
-                jobs.append(_MethodRun(i, model, mname, key, path, IoUAccumulator(spec.num_classes)))
+                jobs.append(_MethodRun(i, model, model.name, ident.key, ident.path, IoUAccumulator(spec.num_classes)))
         if not jobs:
             return [records[i] for i in range(len(models))]
 
@@ -118,25 +107,18 @@ class OVSSEvaluator(Evaluator):
                        dist.world_size, n_total)
         finally:
             bar.close()
-        wall = time.time() - t0
         classes = spec.class_names
         for job in jobs:
             job.acc.all_reduce()
             m = job.acc.compute()
-            rec = RunRecord(
-                task="ovss", protocol=proto.id, protocol_version=proto.version, backbone=job.model.spec.id,
-                weights=job.model.backbone.weights_id, method=job.method, method_params=job.model.params,
-                dataset=dataset_name, split=cfg.split, data_root=os.path.abspath(cfg.data_root), num_images=n_total,
-                metrics={"mIoU": m["mIoU"], "mAcc": m["mAcc"], "aAcc": m["aAcc"]},
-                per_class={c: {"IoU": iou, "Acc": a} for c, iou, a in zip(classes, m["IoU"], m["Acc"])},
-                settings={**settings, "limit": cfg.limit, "batch_size": bs, "text_cache_hit": text.cache_hit,
-                          "methods_in_pass": [j.method for j in jobs],
-                          "method_config": job.model.describe()["config"]},
-                notes=["metrics x100; IoU accumulated over the split, mIoU = nanmean over classes (mmseg IoUMetric)",
-                       f"wall time covers the whole pass of {len(jobs)} method(s) sharing the backbone trunk"]
-                + (["random-init weights: numbers are not meaningful"] if cfg.random_init else []),
-                wall_time_s=wall, device=device_description(device), world_size=dist.world_size,
-            )
+            rec = make_record(
+                "ovss", res, job.model, cfg, {"mIoU": m["mIoU"], "mAcc": m["mAcc"], "aAcc": m["aAcc"]}, n_total,
+                {**settings, "limit": cfg.limit, "batch_size": bs, "text_cache_hit": text.cache_hit,
+                 "methods_in_pass": [j.method for j in jobs]},
+                ["metrics x100; IoU accumulated over the split, mIoU = nanmean over classes (mmseg IoUMetric)",
+                 f"wall time covers the whole pass of {len(jobs)} method(s) sharing the backbone trunk"],
+                t0, device, per_class={c: {"IoU": iou, "Acc": a} for c, iou, a in zip(classes, m["IoU"], m["Acc"])},
+                world_size=dist.world_size)
             if dist.is_main:
                 write_record(rec, job.path)
             if os.path.isfile(job.partial(dist.rank)):

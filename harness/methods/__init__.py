@@ -1,2 +1,3 @@
-"""Training-free cleaning methods: each is one registered :class:`~harness.backbones.base.DenseModel`
-subclass in one file. Most are a :class:`~harness.methods.last_block.LastBlockMethod` configuration."""
+"""Cleaning methods: each is one registered :class:`~harness.methods.base.Method` subclass in one file that
+declares what it touches (added tokens, layer hooks, the last block, a map after the final norm, a wrapper).
+:class:`~harness.methods.base.DenseModel` runs a backbone with one method or a ``+`` composition."""

@@ -15,69 +15,64 @@ Kernels, per head, with ``s = head_dim ** -0.5`` (ovss.md §1.1):
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Any, Dict, Tuple
 
 import torch
 
-from ..backbones.base import Backbone, DenseModel
+from ..backbones.base import Backbone, BlockParts, TokenLayout, Tokens
 from ..errors import ConfigError
+from .base import Method
 
 KERNELS = ("qk", "identity", "qq+kk", "qq", "kk+gauss")
 
 
-def gaussian_neighbourhood(grid: Tuple[int, int], sigma: float, num_prefix: int, device: torch.device,
-                           dtype: torch.dtype) -> torch.Tensor:
-    """NACLIP's Ω: (L, L) with L = num_prefix + h*w; prefix rows/columns are 0 (NACLIP adjust_for_cls).
+def gaussian_neighbourhood(layout: TokenLayout, sigma: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """NACLIP's Ω: (L, L) over the layout's tokens; rows/columns of every non-patch token are 0.
 
     Ω_ij = exp(-d²/(2σ²)) with d the Euclidean distance between patch i and patch j on the grid,
     unnormalised (peak 1), as ``F.conv2d(one_hot, window, padding='same')`` yields in NACLIP's
-    ``get_attention_addition`` (sinahmr/NACLIP clip/model.py).
+    ``get_attention_addition`` (sinahmr/NACLIP clip/model.py); NACLIP's ``adjust_for_cls`` pads the CLS
+    row and column with zeros, and tokens added by other methods (a test-time register) are padded the
+    same way.
     """
-    h, w = grid
+    h, w = layout.grid
     ys, xs = torch.meshgrid(torch.arange(h, device=device, dtype=torch.float64),
                             torch.arange(w, device=device, dtype=torch.float64), indexing="ij")
     pos = torch.stack([ys.reshape(-1), xs.reshape(-1)], dim=1)
     d2 = torch.cdist(pos, pos).pow(2)
     omega = torch.exp(-d2 / (2.0 * sigma * sigma))
-    full = torch.zeros(num_prefix + h * w, num_prefix + h * w, device=device, dtype=torch.float64)
-    full[num_prefix:, num_prefix:] = omega
+    full = torch.zeros(layout.length, layout.length, device=device, dtype=torch.float64)
+    p = layout.patches
+    full[p, p] = omega
     return full.to(dtype)
 
 
-class LastBlockMethod(DenseModel):
-    """A DenseModel whose last block is rebuilt from ``kernel``, ``residual`` and ``ffn``.
+class LastBlockMethod(Method):
+    """A method whose last block is rebuilt from ``kernel``, ``residual`` and ``ffn`` (fixed in ``CONFIG``).
 
-    Subclasses fix these three in ``CONFIG`` and may expose tunable parameters in ``PARAMS``
-    (name -> default). Unknown parameter names are an error that lists the valid ones.
+    Subclasses may expose tunable parameters in ``PARAMS`` (name -> default).
     """
 
-    CONFIG: Dict[str, object] = {"kernel": "qk", "residual": True, "ffn": True}
-    PARAMS: Dict[str, object] = {}
+    CONFIG: Dict[str, Any] = {"kernel": "qk", "residual": True, "ffn": True}
+    TOUCHES = ("last_block",)
 
-    def __init__(self, backbone: Backbone, **params: object) -> None:
-        unknown = sorted(set(params) - set(self.PARAMS))
-        name = getattr(type(self), "registry_name", type(self).__name__)
-        if unknown:
-            valid = ", ".join(sorted(self.PARAMS)) or "none"
-            raise ConfigError(f"method {name!r} has no parameter(s) {', '.join(unknown)}; valid: {valid}")
-        merged = {**self.PARAMS, **params}
-        super().__init__(backbone, **merged)  # records keep the tunable parameters; CONFIG follows from the name
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)  # records keep the tunable parameters; CONFIG follows from the name
         self.kernel = str(self.CONFIG["kernel"])
         if self.kernel not in KERNELS:
             raise ConfigError(f"unknown attention kernel {self.kernel!r}; one of {', '.join(KERNELS)}")
         self.residual = bool(self.CONFIG["residual"])
         self.ffn = bool(self.CONFIG["ffn"])
-        self.sigma = float(merged.get("sigma", 5.0))
-        self._omega: Dict[Tuple[int, int, str, torch.dtype], torch.Tensor] = {}
+        self.sigma = float(self.params.get("sigma", 5.0))
+        self._omega: Dict[Tuple[TokenLayout, str, torch.dtype], torch.Tensor] = {}
 
-    def _omega_for(self, grid: Tuple[int, int], like: torch.Tensor) -> torch.Tensor:
-        key = (grid[0], grid[1], str(like.device), like.dtype)
+    def _omega_for(self, layout: TokenLayout, like: torch.Tensor) -> torch.Tensor:
+        key = (layout, str(like.device), like.dtype)
         if key not in self._omega:
-            self._omega[key] = gaussian_neighbourhood(grid, self.sigma, self.backbone.num_prefix_tokens,
-                                                      like.device, like.dtype)
+            self._omega[key] = gaussian_neighbourhood(layout, self.sigma, like.device, like.dtype)
         return self._omega[key]
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         """Per-head attention output (B, heads, L, head_dim) for the configured kernel."""
         if self.kernel == "identity":
             return v
@@ -89,16 +84,16 @@ class LastBlockMethod(DenseModel):
         elif self.kernel == "qq+kk":
             a = torch.softmax(q @ q.transpose(-2, -1) * s, dim=-1) + torch.softmax(k @ k.transpose(-2, -1) * s, dim=-1)
         else:  # kk+gauss
-            a = torch.softmax(k @ k.transpose(-2, -1) * s + self._omega_for(grid, k), dim=-1)
+            a = torch.softmax(k @ k.transpose(-2, -1) * s + self._omega_for(layout, k), dim=-1)
         return a @ v
 
-    def forward_last(self, tokens: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
-        p = self.backbone.last_block_parts()
-        q, k, v = p.qkv(p.norm1(tokens))
-        out = self.attention(q, k, v, grid)
+    def last_block(self, backbone: Backbone, parts: BlockParts, tokens: Tokens) -> torch.Tensor:
+        x = tokens.x
+        q, k, v = parts.qkv(parts.norm1(x))
+        out = self.attention(q, k, v, tokens.layout)
         b, _, n, _ = out.shape
-        out = p.out_proj(out.transpose(1, 2).reshape(b, n, -1))
-        x = tokens + p.ls1(out) if self.residual else out
+        out = parts.out_proj(out.transpose(1, 2).reshape(b, n, -1))
+        x = x + parts.ls1(out) if self.residual else out
         if self.ffn:
-            x = x + p.ls2(p.mlp(p.norm2(x)))
+            x = x + parts.ls2(parts.mlp(parts.norm2(x)))
         return x

@@ -19,6 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..methods.base import DenseModel, forward_dense_many
 from ..windows import Window, slide_windows
 
 
@@ -32,23 +33,17 @@ def autocast_for(device: torch.device):
 FeatureFn = Callable[[torch.Tensor], List[torch.Tensor]]
 
 
-def shared_trunk_features(models: Sequence) -> FeatureFn:
-    """Patch features of several methods on one backbone, running the shared trunk only once.
+def shared_trunk_features(models: Sequence[DenseModel]) -> FeatureFn:
+    """Patch features of several methods on one backbone, sharing what the dense interface says they share.
 
-    Every method in the harness changes only the last block, so blocks 1..L-1 (the bulk of the cost)
-    are computed once per batch and each method applies its own last block. A single model, or
-    models on different backbones, fall back to their own ``forward_dense``.
+    :func:`~harness.methods.base.forward_dense_many` computes the plain trunk once, up to each method's
+    first touched block (a method that adds tokens at the input, or wraps the forward, runs on its own).
     """
     models = list(models)
-    shared = len(models) > 1 and all(m.backbone is models[0].backbone for m in models)
 
     def run(x: torch.Tensor) -> List[torch.Tensor]:
         with autocast_for(x.device):
-            if not shared:
-                return [m.forward_dense(x).patch.float() for m in models]
-            bb = models[0].backbone
-            tokens, grid = bb.tokens_before_last_block(x)
-            return [bb.split_tokens(bb.finalize(m.forward_last(tokens, grid)), grid).patch.float() for m in models]
+            return [f.patch.float() for f in forward_dense_many(models, x)]
 
     return run
 

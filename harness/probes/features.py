@@ -14,7 +14,8 @@ from typing import Callable, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..backbones.base import DenseFeatures, DenseModel
+from ..backbones.base import DenseFeatures
+from ..methods.base import DenseModel
 from ..windows import slide_windows
 from .heads import depth_head_input
 

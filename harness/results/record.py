@@ -1,8 +1,8 @@
 """One JSON record per run, with everything needed to trace a leaderboard cell back to its origin.
 
 Records live under ``<results_dir>/runs/<task>/<protocol>/`` and are named by a hash of what makes the
-run unique (task, protocol+version, backbone, weights, method+params, dataset, split, limit), so a
-re-run of the same configuration finds its finished record and is skipped unless ``--force``.
+run unique (task, protocol+version, backbone, weights, method+params, method-weights hashes, dataset, split,
+limit), so a re-run of the same configuration finds its finished record and is skipped unless ``--force``.
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ class RunRecord:
     protocol_version: int
     backbone: str
     weights: str  # sha256 of the weights file, or "random-init"
-    method: str
+    method: str  # a registered method or a composition such as "ttr+naclip"
     method_params: Dict[str, Any]
     dataset: str
     split: str
@@ -65,6 +65,7 @@ class RunRecord:
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     environment: Dict[str, str] = field(default_factory=lambda: environment())
     schema_version: int = SCHEMA_VERSION
+    method_weights: Dict[str, str] = field(default_factory=dict)  # method part -> sha256 of its weights file
 
     @property
     def random_init(self) -> bool:
@@ -101,14 +102,17 @@ def environment() -> Dict[str, str]:
 
 def run_key(task: str, protocol: str, protocol_version: int, backbone: str, weights: str, method: str,
             method_params: Dict[str, Any], dataset: str, split: str, limit: Optional[int], data_root: str = "",
-            seed: int = 0) -> str:
-    """A short stable hash of everything that makes a run unique (the data folder and seed included, so a
-    run pointed at other files, or trained with another seed, never picks up this run's record or state)."""
+            seed: int = 0, method_weights: Optional[Dict[str, str]] = None) -> str:
+    """A short stable hash of everything that makes a run unique (the data folder, seed and method-weights
+    hashes included, so a run pointed at other files, trained with another seed or given other method
+    weights never picks up this run's record or state)."""
     parts: list = [task, protocol, protocol_version, backbone, weights, method, method_params, dataset, split, limit]
     if data_root:
         parts.append(os.path.abspath(data_root))
     if seed:
         parts.append(f"seed={seed}")
+    if method_weights:  # absent for training-free methods, so their keys are those of earlier versions
+        parts.append({"method_weights": dict(sorted(method_weights.items()))})
     blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

@@ -5,7 +5,8 @@ average, L2-normalise again (SCLIP ``clip_segmentor.py``; ovss.md §1.3). A clas
 contributes several queries; post-processing takes the softmax over all queries, then the max over
 each class's queries.
 
-The cache key covers backbone id, weights hash, template set (content hash) and the exact name list,
+The cache key covers backbone id, weights hash, method-weights hashes (if any), template set (content hash)
+and the exact name list,
 so a change of any of them re-encodes, and random-init weights never share an entry with real ones.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -45,10 +46,15 @@ def queries_from_names(names: Sequence[Sequence[str]]) -> tuple:
     return flat, owner
 
 
-def cache_key(backbone_id: str, weights_id: str, template_set: str, names: Sequence[Sequence[str]]) -> str:
-    blob = json.dumps({"backbone": backbone_id, "weights": weights_id, "templates": template_set,
-                       "templates_sha": template_set_hash(template_set), "names": [list(n) for n in names]},
-                      sort_keys=True)
+def cache_key(backbone_id: str, weights_id: str, template_set: str, names: Sequence[Sequence[str]],
+              method_weights: Optional[Dict[str, str]] = None) -> str:
+    """Hash of what the embeddings depend on. Method weights join it (when there are any) because a
+    weighted method may carry its own towers: a cache entry is never shared across method weights."""
+    fields = {"backbone": backbone_id, "weights": weights_id, "templates": template_set,
+              "templates_sha": template_set_hash(template_set), "names": [list(n) for n in names]}
+    if method_weights:
+        fields["method_weights"] = dict(sorted(method_weights.items()))
+    blob = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -83,7 +89,7 @@ def class_queries(model, names: Sequence[Sequence[str]], template_set: str, devi
     """Query embeddings for a dataset's name list (one list of aliases per class), cached on disk."""
     flat, owner = queries_from_names(names)
     bb = model.backbone if hasattr(model, "backbone") else model
-    key = cache_key(bb.spec.id, bb.weights_id, template_set, names)
+    key = cache_key(bb.spec.id, bb.weights_id, template_set, names, getattr(model, "method_weights", None))
     path = os.path.join(cache_dir or default_cache_dir(), "text", f"{bb.spec.id}-{key}.pt")
     if use_cache and os.path.isfile(path):
         emb = torch.load(path, map_location="cpu")["embeddings"]

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.models import build_dense_model
+from harness.models import attach_method, build_dense_model
 
 H, W = 208, 320  # 13 x 20 patches
 
@@ -106,11 +106,9 @@ def model_and_input():
 
 @pytest.mark.parametrize("method", list(CASES))
 def test_dense_logits_match_formula(method, model_and_input):
-    from harness.methods.last_block import LastBlockMethod  # noqa: F401
-    from harness.registry import METHODS
 
     backbone, x, text = model_and_input
-    model = METHODS.get(method)(backbone).eval()
+    model = attach_method(backbone, method)
     with torch.no_grad():
         feats = model.forward_dense(x).patch
         ours = torch.einsum("bchw,qc->bqhw", F.normalize(feats, dim=1), text)
@@ -121,11 +119,9 @@ def test_dense_logits_match_formula(method, model_and_input):
 
 def test_methods_really_differ(model_and_input):
     """Guard against a reference that accidentally matches everything."""
-    from harness.registry import METHODS
-
     backbone, x, _ = model_and_input
     with torch.no_grad():
-        outs = {m: METHODS.get(m)(backbone).forward_dense(x).patch for m in CASES}
+        outs = {m: attach_method(backbone, m).forward_dense(x).patch for m in CASES}
     names = list(outs)
     for i, a in enumerate(names):
         for b in names[i + 1:]:

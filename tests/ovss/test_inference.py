@@ -76,10 +76,10 @@ def test_shared_trunk_equals_separate_forwards():
     """Several methods on one backbone: trunk computed once, same features as each model alone."""
     from harness.models import build_dense_model
     from harness.ovss.inference import shared_trunk_features
-    from harness.registry import METHODS
+    from harness.models import attach_method
 
     base = build_dense_model("clip-b16-openai", "clip", random_init=True)
-    models = [base] + [METHODS.get(m)(base.backbone).eval() for m in ("maskclip", "naclip")]
+    models = [base] + [attach_method(base.backbone, m) for m in ("maskclip", "naclip")]
     x = torch.randn(2, 3, 48, 64)
     with torch.no_grad():
         shared = shared_trunk_features(models)(x)

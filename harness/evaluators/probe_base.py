@@ -1,0 +1,211 @@
+"""What both probe evaluators share: the probe run on the common lifecycle, artifacts, settings checks.
+
+Artifacts of a run live next to its record ``<stem>.json``:
+
+* ``<stem>.ckpt.pt``      resumable training state (removed when the record is written)
+* ``<stem>.head.pt``      the final (selected) head's weights
+* ``<stem>.curves.csv``   training loss / lr and validation metrics per head (see ``probes/curves.py``)
+* ``<stem>.curves.png``   the same, plotted
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..errors import ConfigError
+from ..methods.base import DenseModel
+from ..probes.cache import FeatureCache, cache_dir_name
+from ..probes.common import dataset_fingerprint, require, weights_identity
+from ..probes.heads import HeadBank
+from ..probes.schedules import Schedule
+from ..probes.trainer import ProbeTrainer
+from ..protocols import Protocol
+from ..registry import DATASETS
+from ..results.record import RunRecord, write_record
+from ..runtime import select_device
+from .base import Evaluator, Resolved, RunConfig, build_models, finished, identify, make_record, resolve
+
+MODES = ("faithful", "fast")
+
+
+@dataclass
+class ProbeRun:
+    """One probe run: its protocol, model, identity, paths and the notes that go into the record."""
+
+    cfg: RunConfig
+    task: str
+    res: Resolved
+    protocol: Protocol
+    settings: Dict[str, Any]
+    dataset: str
+    eval_split: str
+    model: DenseModel
+    device: torch.device
+    key: str
+    path: str
+    existing: Optional[RunRecord] = None
+    notes: List[str] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+    _weights_identity: Optional[str] = None
+
+    @property
+    def weights_identity(self) -> str:
+        """:func:`weights_identity` of the model, computed once (hashing a random ViT-L takes seconds)."""
+        if self._weights_identity is None:
+            self._weights_identity = weights_identity(self.model)
+        return self._weights_identity
+
+    @property
+    def mode(self) -> str:
+        return str(self.settings["mode"])
+
+    @property
+    def stem(self) -> str:
+        return self.path[: -len(".json")]
+
+    def artifact(self, suffix: str) -> str:
+        return f"{self.stem}.{suffix}"
+
+    @property
+    def where(self) -> str:
+        return f"{self.protocol.key} v{self.protocol.version} ({self.protocol.path})"
+
+    def fingerprint(self, extra: Dict[str, Any]) -> str:
+        """Identifies the training configuration: a checkpoint with another fingerprint is not resumed."""
+        blob = json.dumps({"key": self.key, "settings": self.settings, "seed": self.cfg.seed,
+                           "weights": self.weights_identity, **extra}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    @property
+    def cache_root(self) -> str:
+        return self.cfg.cache_dir or os.path.join(self.cfg.results_dir, "cache")
+
+    def cache_fields(self, split: str, view: str, ds: Any, extra: Dict[str, Any]) -> Dict[str, Any]:
+        """What a feature cache's content depends on (probes.md §4.2 / issue: backbone, method, weights hash,
+        dataset, resolution), plus the data files themselves (:func:`dataset_fingerprint`)."""
+        fields = {"backbone": self.model.spec.id, "method": self.method_name, "method_params": self.model.params,
+                  "weights": self.weights_identity, "dataset": self.dataset, "split": split, "view": view,
+                  "data_root": os.path.abspath(self.cfg.data_root), "limit": self.cfg.limit,
+                  "files": dataset_fingerprint(ds), **extra}
+        if self.model.method_weights:  # only when present: caches of training-free methods keep their names
+            fields["method_weights"] = dict(sorted(self.model.method_weights.items()))
+        return fields
+
+    def open_cache(self, split: str, view: str, ds: Any, extra: Dict[str, Any], arrays: Dict[str, str]
+                   ) -> FeatureCache:
+        """The feature cache of one (split, view) of this run: its folder is named by :meth:`cache_fields`."""
+        fields = self.cache_fields(split, view, ds, extra)
+        return FeatureCache(os.path.join(self.cache_root, cache_dir_name(fields)), fields, arrays)
+
+    @property
+    def method_name(self) -> str:
+        return self.model.name
+
+    def inference_batch(self, default_gpu: int, default_cpu: int) -> int:
+        """Images (or windows) per backbone forward: ``--batch-size`` or a device default (no effect on numbers)."""
+        return int(self.cfg.batch_size) or (default_gpu if self.device.type == "cuda" else default_cpu)
+
+    def finish(self, metrics: Dict[str, float], num_images: int, settings_extra: Dict[str, Any],
+               per_class: Optional[Dict[str, Dict[str, float]]] = None) -> RunRecord:
+        """Write the record (atomically), drop the checkpoint, return the record."""
+        notes = list(self.notes)
+        if self.cfg.limit:
+            notes.append(f"limit={self.cfg.limit}: only the first {self.cfg.limit} images of each split were used")
+        rec = make_record(self.task, self.res, self.model, self.cfg, metrics, num_images,
+                          {**self.settings, "seed": self.cfg.seed, "limit": self.cfg.limit, **settings_extra},
+                          notes, self.started, self.device, per_class=per_class)
+        write_record(rec, self.path)
+        ckpt = self.artifact("ckpt.pt")
+        if os.path.isfile(ckpt):
+            os.remove(ckpt)
+        return rec
+
+
+def start_probe_run(cfg: RunConfig, task: str, default_eval_split: str) -> ProbeRun:
+    """Steps 1-4 of the run lifecycle (:mod:`harness.evaluators.base`) for a probe: resolve, build the
+    model, identify the run, and find its finished record (unless --force)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(f"the {task} probe runs in one process (the global batch is on one device); "
+                          f"launch it without torchrun")
+    res = resolve(cfg, task, [cfg.method], default_split=default_eval_split)
+    require(res.settings, ("mode",), res.where)
+    if res.settings["mode"] not in MODES:
+        raise ConfigError(f"protocol {res.where}: mode {res.settings['mode']!r} must be one of {', '.join(MODES)}")
+    device = select_device(cfg.device)
+    model = build_models(cfg, res.methods, device)[0]
+    ident = identify(task, res, model, cfg, seed=True)
+    run = ProbeRun(cfg=cfg, task=task, res=res, protocol=res.protocol, settings=res.settings, dataset=res.dataset,
+                   eval_split=res.split, model=model, device=device, key=ident.key, path=ident.path)
+    run.existing = finished(ident, cfg)
+    return run
+
+
+class ProbeEvaluator(Evaluator):
+    """What the linear-seg and depth evaluators share: optimiser settings, the trainer and its curves."""
+
+    task: str = ""
+    #: whose probe optimiser the protocol must name, for the error message
+    optimiser_source: str = ""
+    default_eval_split: str = "val"
+    #: protocol settings every run needs, and those of each mode
+    common_keys: Sequence[str] = ()
+    faithful_keys: Sequence[str] = ()
+    fast_keys: Sequence[str] = ()
+
+    def run(self, cfg: RunConfig) -> RunRecord:
+        """Resolve the run, skip it if finished, check the protocol and dataset, then train and test."""
+        from ..probes.data import register_transforms
+
+        run = start_probe_run(cfg, self.task, default_eval_split=self.default_eval_split)
+        if run.existing is not None:
+            return run.existing
+        mode_keys = self.faithful_keys if run.mode == "faithful" else self.fast_keys
+        require(run.settings, tuple(self.common_keys) + tuple(mode_keys), run.where)
+        register_transforms()
+        spec = DATASETS.get(run.dataset)
+        self._check_dataset(run, spec)
+        train_split = str(run.settings["train_split"])
+        if train_split not in spec.splits:
+            raise ConfigError(f"protocol {run.where}: dataset {run.dataset!r} has no split {train_split!r}")
+        if run.mode == "faithful":
+            return self._faithful(run, spec, train_split)
+        return self._fast(run, spec, train_split)
+
+    def _check_dataset(self, run: "ProbeRun", spec: Any) -> None:
+        """Raise :class:`ConfigError` when ``spec`` does not suit this probe or the protocol's settings."""
+
+    def _faithful(self, run: "ProbeRun", spec: Any, train_split: str) -> RunRecord:
+        raise NotImplementedError
+
+    def _fast(self, run: "ProbeRun", spec: Any, train_split: str) -> RunRecord:
+        raise NotImplementedError
+
+    def _optim(self, run: "ProbeRun") -> Tuple[List[float], float, Tuple[float, float], Any]:
+        o = run.settings["optimizer"]
+        if str(o.get("type", "AdamW")) != "AdamW":
+            raise ConfigError(f"protocol {run.where}: optimizer.type must be AdamW ({self.optimiser_source})")
+        lrs = o.get("lrs") or [o["lr"]]
+        return ([float(x) for x in lrs], float(o["weight_decay"]), (float(o["betas"][0]), float(o["betas"][1])),
+                o.get("grad_clip"))
+
+    def _trainer(self, run: "ProbeRun", heads: HeadBank, names: List[str], lrs: List[float],
+                 fp_extra: Dict[str, Any], desc: str) -> ProbeTrainer:
+        s = run.settings
+        _, wd, betas, clip = self._optim(run)
+        kill = run.cfg.extra.get("kill_after_iters")  # test hook: abandon the run like SIGKILL
+        return ProbeTrainer(heads, names, lrs, wd, betas, clip, Schedule(s["schedule"], int(s["max_iters"])),
+                            int(s["max_iters"]), run.artifact("ckpt.pt"), run.fingerprint(fp_extra),
+                            int(s["checkpoint_interval"]), int(s["log_interval"]), progress=run.cfg.progress,
+                            desc=desc, kill_after=int(kill) if kill is not None else None)
+
+    def _write_curves(self, run: "ProbeRun", trainer: ProbeTrainer) -> Dict[str, str]:
+        """Loss and validation curves as CSV and PNG next to the record."""
+        title = f"{self.task}/{run.protocol.id} {run.model.spec.id} {run.method_name} {run.dataset}"
+        return {"curves_csv": trainer.curves.write_csv(run.artifact("curves.csv")),
+                "curves_png": trainer.curves.plot(run.artifact("curves.png"), title)}
