@@ -109,8 +109,9 @@ def run_child(**kw: Any) -> Dict[str, Any]:
 
 
 def prepare_data(work: str, n_train: int, n_val: int) -> Dict[str, str]:
-    from harness.datasets.nyu import prepare_nyu, write_synthetic_nyu
-    from harness.datasets.synthetic import write_demo_voc
+    from harness.prepare.nyu import prepare_nyu
+    from harness.synthetic.nyu import write_synthetic_nyu
+    from harness.synthetic.segmentation import write_demo_voc
 
     voc = write_demo_voc(os.path.join(work, "voc"), n_train, (96, 128), 0, "train")
     write_demo_voc(os.path.join(work, "voc"), n_val, (96, 128), 0, "val")

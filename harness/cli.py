@@ -235,21 +235,21 @@ def cmd_data(a: argparse.Namespace) -> int:
             return 1
         print(f"{a.name} ({split}) at {a.root}: OK, {spec.split(split).count} images")
         return 0
-    from .datasets import prepare
+    from .prepare import labels
 
     root = os.path.expanduser(a.root)
     if a.name == "coco_object":
-        summary = (prepare.prepare_coco_object_from_instances(root, a.json) if a.json
-                   else prepare.prepare_coco_object(root))
+        summary = (labels.prepare_coco_object_from_instances(root, a.json) if a.json
+                   else labels.prepare_coco_object(root))
     elif a.name == "coco_stuff":
-        summary = prepare.prepare_coco_stuff(root)
+        summary = labels.prepare_coco_stuff(root)
     elif a.name == "context":
         if not a.json:
             raise DataError("harness data prepare context needs --json trainval_merged.json "
                             "(PASCAL-Context annotations, see README 'Datasets')")
-        summary = prepare.prepare_context(root, a.json)
+        summary = labels.prepare_context(root, a.json)
     else:
-        from .datasets.nyu import prepare_nyu
+        from .prepare.nyu import prepare_nyu
 
         if not a.mat:
             raise DataError("harness data prepare nyu needs --mat nyu_depth_v2_labeled.mat (see README 'Datasets')")

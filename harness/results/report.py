@@ -1,24 +1,17 @@
 """``harness report``: run records -> a tidy ``leaderboard.csv`` and a readable ``LEADERBOARD.md``.
 
-Why the rules below exist:
+Which records are shown is :mod:`harness.results.selection`; the tables' columns, headers and decimals
+are :mod:`harness.results.layouts`. This module renders them, for these reasons:
 
-* One cell = one (task, protocol id+version, backbone, weights, method+params, dataset, split). When a cell
-  has several records, a full run beats a partial one and then the newest (``created``) wins, so
-  re-running a configuration replaces its number instead of duplicating it.
 * Random-init records (smoke tests, demos) go to separate tables titled as meaningless, so they can never
   be read as results. Partial runs (``--limit``, or fewer images than the official split) are marked †.
 * Published numbers (``results/published``) are shown beside ours for the same (method, backbone, protocol
   id), one "published" row and one Δ = ours − published row per source table, plus the published-only
   tables of each protocol so a reader sees what the papers reported.
-
-Layouts follow PH-Reg (shared/seeds/002_d643db7010c8da7c.txt): OVSS like Table 1 (8 datasets + Avg,
-Pearson like Table S.4 with its 7 datasets), linear probes like Table 2 (VOC/ADE mIoU+mAcc; NYUd
-RMSE/AbsRel/δ1).
 """
 from __future__ import annotations
 
 import csv
-import datetime as _dt
 import functools
 import json
 import math
@@ -30,104 +23,14 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import pandas as pd
 
 from ..errors import HarnessError
+from .layouts import CSV_COLUMNS, DATASET_HEADERS, DECIMALS, METRIC_HEADERS, Column, Layout, table_layouts
 from .published import AVG_DATASET, empty_published, find_published_dir, load_published
 from .record import RunRecord, load_records
+from .selection import OfficialCounts, is_partial, official_count, params_json, record_limit, select_records
 
-# -- layouts -------------------------------------------------------------------------------------
-#: PH-Reg Table 1 column order (VOC21 PC60 Object VOC20 PC59 Stuff City ADE)
-OVSS_DATASETS: Tuple[str, ...] = ("voc21", "context60", "coco_object", "voc20", "context59", "coco_stuff164k",
-                                  "cityscapes", "ade20k")
-#: PH-Reg Table S.4 (Pearson) columns: Table 1 without COCO-Object
-PEARSON_DATASETS: Tuple[str, ...] = ("voc21", "context60", "voc20", "context59", "coco_stuff164k", "cityscapes",
-                                     "ade20k")
-DATASET_HEADERS: Dict[str, str] = {"voc21": "VOC21", "context60": "PC60", "coco_object": "Object", "voc20": "VOC20",
-                                   "context59": "PC59", "coco_stuff164k": "Stuff", "cityscapes": "City",
-                                   "ade20k": "ADE", "nyu": "NYUd"}
-METRIC_HEADERS: Dict[str, str] = {"rmse": "RMSE ↓", "abs_rel": "AbsRel ↓", "delta1": "δ1 ↑"}
-#: PH-Reg Table 2, segmentation half and depth half
-LINEAR_SEG_COLUMNS: Tuple[Tuple[str, str], ...] = (("voc21", "mIoU"), ("voc21", "mAcc"), ("ade20k", "mIoU"),
-                                                   ("ade20k", "mAcc"))
-DEPTH_COLUMNS: Tuple[Tuple[str, str], ...] = (("nyu", "rmse"), ("nyu", "abs_rel"), ("nyu", "delta1"))
-OVSS_METRIC_ORDER: Tuple[str, ...] = ("mIoU", "mAcc", "aAcc", "pearson")
-#: decimals shown per metric (as the papers print them)
-DECIMALS: Dict[str, int] = {"mIoU": 2, "mAcc": 2, "aAcc": 2, "pearson": 3, "rmse": 4, "abs_rel": 4, "delta1": 2}
 DASH = "–"
 PARTIAL_MARK = "†"
 RANDOM_TITLE = "random-init weights: numbers are not meaningful"
-
-CSV_COLUMNS: Tuple[str, ...] = (
-    "source", "task", "protocol", "protocol_version", "backbone", "weights", "random_init", "method",
-    "method_params", "dataset", "split", "metric", "value", "num_images", "official_num_images", "limit",
-    "partial", "created", "git_hash", "harness_version", "paper", "table", "citation",
-)
-
-Column = Tuple[str, str]  # (dataset, metric)
-OfficialCounts = Mapping[Tuple[str, str], int]  # (dataset, split) -> official number of images
-
-
-# -- record selection ----------------------------------------------------------------------------
-def _params_json(params: Mapping[str, Any]) -> str:
-    return json.dumps(params or {}, sort_keys=True, default=str)
-
-
-def _created(rec: RunRecord) -> _dt.datetime:
-    try:
-        t = _dt.datetime.fromisoformat(rec.created)
-    except (TypeError, ValueError):
-        return _dt.datetime.min.replace(tzinfo=_dt.timezone.utc)
-    return t if t.tzinfo else t.replace(tzinfo=_dt.timezone.utc)
-
-
-def _registry_count(dataset: str, split: str) -> Optional[int]:
-    """Official image count of ``dataset``/``split`` from the dataset registry, when it is known there."""
-    from ..registry import DATASETS, RegistryError
-
-    try:
-        entry = DATASETS.get(dataset)
-    except (RegistryError, ImportError, HarnessError):
-        return None
-    layout = (getattr(entry, "splits", None) or {}).get(split)
-    count = getattr(layout, "count", None)
-    return int(count) if count else None
-
-
-def official_count(dataset: str, split: str, official_counts: Optional[OfficialCounts] = None) -> Optional[int]:
-    """Official image count of a split: from ``official_counts`` when given, else from the dataset registry."""
-    if official_counts is not None:
-        return official_counts.get((dataset, split))
-    return _registry_count(dataset, split)
-
-
-def record_limit(rec: RunRecord) -> Optional[int]:
-    """The ``--limit`` a record was run with (``None`` for a full run)."""
-    limit = (rec.settings or {}).get("limit")
-    return None if limit is None else int(limit)
-
-
-def is_partial(rec: RunRecord, official_counts: Optional[OfficialCounts] = None) -> bool:
-    """True for ``--limit`` runs and runs over fewer images than the official split: not comparable."""
-    if record_limit(rec) is not None:
-        return True
-    n = official_count(rec.dataset, rec.split, official_counts)
-    return n is not None and rec.num_images < n
-
-
-def cell_key(rec: RunRecord) -> Tuple[Any, ...]:
-    """What makes two records compete for the same leaderboard cell."""
-    return (rec.task, rec.protocol, rec.protocol_version, rec.backbone, rec.weights, rec.method,
-            _params_json(rec.method_params), rec.dataset, rec.split)
-
-
-def select_records(records: Iterable[RunRecord],
-                   official_counts: Optional[OfficialCounts] = None) -> List[RunRecord]:
-    """One record per :func:`cell_key`: full runs beat partial ones, then the newest ``created`` wins."""
-    best: Dict[Tuple[Any, ...], Tuple[Tuple[bool, _dt.datetime], RunRecord]] = {}
-    for rec in records:
-        rank = (not is_partial(rec, official_counts), _created(rec))
-        key = cell_key(rec)
-        if key not in best or rank > best[key][0]:
-            best[key] = (rank, rec)
-    return [rec for _, rec in best.values()]
 
 
 # -- method-name matching --------------------------------------------------------------------------
@@ -202,7 +105,7 @@ class _Row:
 def _rows_for(records: Sequence[RunRecord], official_counts: Optional[OfficialCounts]) -> List[_Row]:
     rows: Dict[Tuple[str, str, str, str, str], _Row] = {}
     for rec in records:
-        key = (rec.method, _params_json(rec.method_params), rec.backbone, rec.weights, rec.split)
+        key = (rec.method, params_json(rec.method_params), rec.backbone, rec.weights, rec.split)
         row = rows.setdefault(key, _Row(*key, cells={}))
         partial = is_partial(rec, official_counts)
         for metric, value in (rec.metrics or {}).items():
@@ -219,38 +122,6 @@ def _avg(values: Mapping[Column, Optional[float]], avg_cols: Sequence[Column]) -
     if any(v is None for v in got):
         return None
     return sum(got) / len(got)  # type: ignore[arg-type]
-
-
-@dataclass
-class _Layout:
-    """Columns of one table and the columns its Avg is taken over (empty: no Avg column)."""
-
-    title: str
-    columns: List[Column]
-    avg_cols: List[Column]
-    single_metric: Optional[str]  # the metric when every column has it (headers then show datasets only)
-
-
-def _layouts(task: str, present: Iterable[Column]) -> List[_Layout]:
-    """The tables of a task, given the (dataset, metric) pairs present; unknown pairs are appended."""
-    present = sorted(set(c for c in present if c[0] != AVG_DATASET))
-    if task == "ovss":
-        metrics = sorted({m for _, m in present},
-                         key=lambda m: (OVSS_METRIC_ORDER.index(m) if m in OVSS_METRIC_ORDER else 99, m))
-        out = []
-        for metric in metrics:
-            base = [(d, metric) for d in (PEARSON_DATASETS if metric == "pearson" else OVSS_DATASETS)]
-            extra = [c for c in present if c[1] == metric and c not in base]
-            out.append(_Layout(metric, base + extra, base, metric))
-        return out
-    base = list(LINEAR_SEG_COLUMNS if task == "linear-seg" else DEPTH_COLUMNS if task == "depth" else ())
-    extra = [c for c in present if c not in base]
-    cols = base + extra
-    if not cols:
-        return []
-    metrics = {m for _, m in cols}
-    title = "PH-Reg Table 2 layout" if task in ("linear-seg", "depth") else "all metrics"
-    return [_Layout(title, cols, [], next(iter(metrics)) if len(metrics) == 1 else None)]
 
 
 # -- published -------------------------------------------------------------------------------------
@@ -288,7 +159,7 @@ def _source_label(paper: str, table: str) -> str:
 
 
 # -- markdown sections -----------------------------------------------------------------------------
-def _our_table(layout: _Layout, rows: List[_Row], task: str, protocol: str,
+def _our_table(layout: Layout, rows: List[_Row], task: str, protocol: str,
                pub_groups: Mapping[Tuple[str, str, str, str], Mapping[Tuple[str, str], Mapping[Column, float]]],
                with_published: bool) -> List[str]:
     show_split = len({r.split for r in rows}) > 1
@@ -362,7 +233,7 @@ def _published_tables(task: str, pub: pd.DataFrame) -> List[str]:
     for (paper, table), grp in pub.groupby(["paper", "table"], sort=False):  # file order, as published
         present = [(d, m) for d, m in zip(grp["dataset"], grp["metric"])]
         citations = sorted(set(grp["citation"]))
-        for layout in _layouts(task, present):
+        for layout in table_layouts(task, present):
             values: Dict[Tuple[str, str], Dict[Column, float]] = defaultdict(dict)
             printed_avg: Dict[Tuple[str, str], str] = {}
             order: List[Tuple[str, str]] = []
@@ -443,7 +314,7 @@ def render_markdown(records: Sequence[RunRecord], published: pd.DataFrame, resul
                 real = [r for r in vrecs if not r.random_init]
                 rand = [r for r in vrecs if r.random_init]
                 present = [(r.dataset, m) for r in vrecs for m in (r.metrics or {})]
-                for layout in _layouts(task, present):
+                for layout in table_layouts(task, present):
                     for group, title, with_pub in ((real, "real weights", True), (rand, RANDOM_TITLE, False)):
                         if not group:
                             continue
@@ -470,7 +341,7 @@ def leaderboard_rows(records: Sequence[RunRecord], published: Optional[pd.DataFr
             rows.append(dict(
                 source="ours", task=rec.task, protocol=rec.protocol, protocol_version=rec.protocol_version,
                 backbone=rec.backbone, weights=rec.weights, random_init=rec.random_init, method=rec.method,
-                method_params=_params_json(rec.method_params), dataset=rec.dataset, split=rec.split, metric=metric,
+                method_params=params_json(rec.method_params), dataset=rec.dataset, split=rec.split, metric=metric,
                 value=value, num_images=rec.num_images, official_num_images=n_official if n_official else "",
                 limit="" if limit is None else limit, partial=is_partial(rec, official_counts),
                 created=rec.created, git_hash=rec.git_hash, harness_version=rec.harness_version,

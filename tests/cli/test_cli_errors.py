@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from harness.cli import main
-from harness.datasets.synthetic import write_synthetic_dataset
+from harness.synthetic.segmentation import write_synthetic_dataset
 
 CLIP_REPO_DIR = "models--timm--vit_base_patch16_clip_224.openai"
 FETCH = "huggingface-cli download timm/vit_base_patch16_clip_224.openai"

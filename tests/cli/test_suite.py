@@ -8,7 +8,7 @@ from harness.results.record import load_records
 
 
 def test_suite_runs_every_combination(tmp_path, monkeypatch):
-    from harness.datasets.synthetic import write_synthetic_dataset
+    from harness.synthetic.segmentation import write_synthetic_dataset
     from harness.text import templates
 
     monkeypatch.setitem(templates.TEMPLATE_SETS, "test_one", ["a photo of a {}."])

@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from harness.datasets import prepare
-from harness.datasets.synthetic import write_coco_instances, write_context_json, write_synthetic_dataset
 from harness.errors import DataError
+from harness.prepare import labels as prepare
 from harness.registry import DATASETS
+from harness.synthetic.segmentation import write_coco_instances, write_context_json, write_synthetic_dataset
 
 
 def _mmseg_converter(name: str) -> str:

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from harness.datasets.synthetic import SYNTHETIC_NAMES, write_synthetic_dataset
 from harness.errors import DataError
 from harness.registry import DATASETS
+from harness.synthetic.segmentation import SYNTHETIC_NAMES, write_synthetic_dataset
 
 # name -> (key, num_classes, reduce_zero_label, mmseg class, official val count) from reference/ovss.md §2.2
 EXPECTED = {

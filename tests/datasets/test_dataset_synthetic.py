@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from harness.datasets.synthetic import DEMO_VOC_CLASSES, class_colour, write_demo_voc, write_synthetic_dataset
 from harness.errors import DataError
 from harness.registry import DATASETS
+from harness.synthetic.segmentation import DEMO_VOC_CLASSES, class_colour, write_demo_voc, write_synthetic_dataset
 
 
 def test_deterministic(tmp_path) -> None:

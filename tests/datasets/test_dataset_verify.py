@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from harness.datasets.base import check_sample_shapes
-from harness.datasets.synthetic import write_synthetic_dataset
 from harness.errors import DataError
 from harness.registry import DATASETS
+from harness.synthetic.segmentation import write_synthetic_dataset
 
 
 def test_verify_ok_except_official_count(tmp_path) -> None:

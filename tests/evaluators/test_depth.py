@@ -10,13 +10,15 @@ import pytest
 import scipy.io
 import torch
 
-from harness.datasets.nyu import bts_name, prepare_nyu, verify_nyu, write_synthetic_nyu
+from harness.datasets.nyu import verify_nyu
 from harness.errors import ConfigError, DataError
 from harness.evaluators.base import RunConfig
 from harness.metrics.depth import DepthAccumulator
+from harness.prepare.nyu import bts_name, prepare_nyu
 from harness.probes.trainer import SimulatedKill
 from harness.protocols import get_protocol
 from harness.registry import DATASETS, EVALUATORS
+from harness.synthetic.nyu import write_synthetic_nyu
 
 from .helpers import scaled_protocol
 

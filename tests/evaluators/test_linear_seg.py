@@ -40,7 +40,7 @@ def voc(tmp_path_factory):
     The datasets helper's VOC writer is used with its class subset (as ``write_demo_voc`` does), so the
     classes are recoverable from a random backbone's features with few images.
     """
-    from harness.datasets.synthetic import write_demo_voc
+    from harness.synthetic.segmentation import write_demo_voc
 
     root = str(tmp_path_factory.mktemp("voc"))
     data_root = write_demo_voc(root, 40, (96, 128), 0, "train")

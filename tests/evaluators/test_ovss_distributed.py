@@ -22,7 +22,7 @@ def _run(cmd, env):
 
 
 def test_torchrun_two_ranks_equals_single_process(tmp_path):
-    from harness.datasets.synthetic import write_synthetic_dataset
+    from harness.synthetic.segmentation import write_synthetic_dataset
 
     root = write_synthetic_dataset("voc20", str(tmp_path / "data"), num_images=5, size=(40, 56), seed=2)
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(PROTO))

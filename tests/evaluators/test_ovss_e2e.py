@@ -61,7 +61,7 @@ def _mmseg_reference(pred_dir: str, spec, root: str, split: str = "val"):
 
 @pytest.mark.parametrize("dataset", ["voc21", "voc20", "context59", "ade20k"])
 def test_run_matches_mmseg_iou_metric(dataset, tmp_path, one_template, monkeypatch):
-    from harness.datasets.synthetic import write_synthetic_dataset
+    from harness.synthetic.segmentation import write_synthetic_dataset
 
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
     root = write_synthetic_dataset(dataset, str(tmp_path / "data"), num_images=3, size=(60, 80), seed=1)
@@ -84,7 +84,7 @@ def test_run_matches_mmseg_iou_metric(dataset, tmp_path, one_template, monkeypat
 
 
 def test_rerun_skips_finished_record_and_force_recomputes(tmp_path, one_template, monkeypatch):
-    from harness.datasets.synthetic import write_synthetic_dataset
+    from harness.synthetic.segmentation import write_synthetic_dataset
 
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
     root = write_synthetic_dataset("voc21", str(tmp_path / "data"), num_images=2, size=(60, 80))
@@ -110,8 +110,8 @@ def test_rerun_skips_finished_record_and_force_recomputes(tmp_path, one_template
 @pytest.fixture()
 def sclip_run(tmp_path, one_template, monkeypatch):
     """`harness run` arguments (by results folder) for sclip on 4 synthetic VOC images, one image per step."""
-    from harness.datasets.synthetic import write_synthetic_dataset
     from harness.evaluators import ovss
+    from harness.synthetic.segmentation import write_synthetic_dataset
 
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(ovss, "IMAGES_PER_STEP", 1)

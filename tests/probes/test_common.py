@@ -6,10 +6,10 @@ import time
 
 import torch
 
-from harness.datasets.synthetic import write_synthetic_dataset
 from harness.models import build_dense_model
 from harness.probes.common import dataset_fingerprint, weights_identity
 from harness.registry import DATASETS
+from harness.synthetic.segmentation import write_synthetic_dataset
 
 
 def test_dataset_fingerprint_follows_the_files(tmp_path) -> None:

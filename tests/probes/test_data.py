@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 
-from harness.datasets.synthetic import write_synthetic_dataset
 from harness.probes.data import (
     AugmentedSamples,
     EpochOrder,
@@ -16,6 +15,7 @@ from harness.probes.data import (
 )
 from harness.probes.features import center_pad, padded_grid, slide_windows
 from harness.registry import DATASETS
+from harness.synthetic.segmentation import write_synthetic_dataset
 
 AUG = dict(scale=(2048, 64), ratio_range=(0.5, 2.0), crop_size=(56, 56), cat_max_ratio=0.75, flip_prob=0.5)
 MEAN, STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]

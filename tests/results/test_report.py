@@ -6,9 +6,11 @@ import os
 import re
 from typing import Any, Dict, List, Optional
 
+from harness.results.layouts import OVSS_DATASETS
 from harness.results.published import COLUMNS
 from harness.results.record import RunRecord, record_path, write_record
-from harness.results.report import OVSS_DATASETS, RANDOM_TITLE, is_partial, select_records, write_report
+from harness.results.report import RANDOM_TITLE, write_report
+from harness.results.selection import is_partial, select_records
 
 W = "ab" * 32  # a fake sha256
 COUNTS = {("voc21", "val"): 1449, ("ade20k", "val"): 2000, ("nyu", "test"): 654}

@@ -10,8 +10,8 @@
   ``Detail.getMask(img)`` does (zhanghang1989/detail-api ``PythonAPI/detail/__init__.py``).
 
 Each function returns a summary dict and raises :class:`harness.errors.DataError` with the missing
-file or folder and the fix. Only numpy and Pillow are imported at module level (this module is
-auto-imported by the dataset registry); pycocotools is imported where it is needed.
+file or folder and the fix. Only numpy and Pillow are imported at module level (the synthetic writers
+import the id tables from here); pycocotools is imported where it is needed.
 """
 from __future__ import annotations
 

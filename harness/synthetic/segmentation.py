@@ -23,7 +23,13 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DataError
-from .prepare import COCO_LAST_THING_ID, COCO_STUFF_UNUSED_IDS, CONTEXT_MAPPING, remap_coco_object, remap_coco_stuff
+from ..prepare.labels import (
+    COCO_LAST_THING_ID,
+    COCO_STUFF_UNUSED_IDS,
+    CONTEXT_MAPPING,
+    remap_coco_object,
+    remap_coco_stuff,
+)
 
 Size = Tuple[int, int]
 
@@ -405,7 +411,7 @@ def write_coco_instances(root: str, num_images: int = 3, size: Size = (120, 160)
                          split: str = "val2017") -> Tuple[str, str]:
     """Write COCO images and a tiny ``annotations/instances_<split>.json`` (polygons + one crowd RLE each).
 
-    Input of :func:`harness.datasets.prepare.prepare_coco_object_from_instances`.
+    Input of :func:`harness.prepare.labels.prepare_coco_object_from_instances`.
     Returns ``(coco_root, json_path)``.
     """
     from pycocotools import mask as mask_utils
