@@ -11,7 +11,27 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
-TASKS = ("ovss", "linear-seg", "depth")
+
+class _Tasks:
+    """The evaluator registry's names, read only when argparse checks or lists them.
+
+    Why: the task list is the registry's (a new evaluator is one decorated class), but importing the
+    evaluators pulls in torch, and ``harness --help`` must stay instant.
+    """
+
+    def _names(self) -> List[str]:
+        from .registry import EVALUATORS
+
+        return EVALUATORS.names()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._names())
+
+
+TASKS = _Tasks()
 KINDS = ("backbones", "methods", "datasets", "evaluators", "protocols")
 
 
@@ -47,15 +67,21 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(one --data-root per dataset, comma-separated in the same order).")
     r.add_argument("task", choices=TASKS)
     r.add_argument("--backbone", required=True, help="backbone id (harness list backbones)")
-    r.add_argument("--method", default="vanilla", help="method name(s), comma-separated (harness list methods)")
+    r.add_argument("--method", default="vanilla",
+                   help="method name(s), comma-separated; compose parts with + (ttr+naclip, naclip+tta); "
+                        "see harness list methods")
     r.add_argument("--dataset", required=True, help="dataset name(s), comma-separated (harness list datasets)")
     r.add_argument("--data-root", required=True, help="dataset root(s), comma-separated like --dataset")
     r.add_argument("--protocol", default=None, help="protocol id or YAML path (default: the task's default)")
     r.add_argument("--split", default=None, help="split to evaluate (default: val, test for nyu)")
     r.add_argument("--weights", default=None, metavar="FILE", help="weights file instead of the local caches")
+    r.add_argument("--method-weights", default=None, metavar="FILE|PART=FILE,...",
+                   help="weights of the method (a TTR neuron file, a denoiser, a student); for a composition "
+                        "with several weighted parts PART=FILE,PART=FILE")
     r.add_argument("--random-init", action="store_true", help="same architecture, random weights (tests, demo)")
     r.add_argument("--download", action="store_true", help="allow fetching missing weights (needs network)")
-    r.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="method parameter")
+    r.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="method parameter (PART.NAME=VALUE picks the part of a composition)")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     r.add_argument("--batch-size", type=int, default=0, help="windows per backbone batch (0 = auto)")
     r.add_argument("--workers", type=int, default=2, help="data-loading worker processes")
@@ -80,6 +106,30 @@ def build_parser() -> argparse.ArgumentParser:
     su.add_argument("--batch-size", type=int, default=0)
     su.add_argument("--results-dir", default="results")
     su.add_argument("--cache-dir", default=None)
+
+    t = sub.add_parser("ttr", help="test-time registers: find register neurons")
+    tsub = t.add_subparsers(dest="ttr_command", required=True)
+    fn = tsub.add_parser("find-neurons", help="rank MLP units by their activation on high-norm tokens",
+                         description="Find the register neurons of a backbone (Jiang et al. 2025) and write the "
+                                     "neuron file that `--method ttr --method-weights FILE` reads.")
+    fn.add_argument("--backbone", required=True, help="backbone id (harness list backbones)")
+    fn.add_argument("--images", required=True, metavar="DIR", help="folder of images (searched recursively)")
+    fn.add_argument("--out", required=True, metavar="FILE", help="neuron file to write (JSON)")
+    fn.add_argument("--layer-limit", type=int, default=None,
+                    help="highest block (0-based) whose units may be chosen (default: the authors' per backbone)")
+    fn.add_argument("--top-k", type=int, default=None, help="number of neurons (default: the authors')")
+    fn.add_argument("--norm-threshold", type=float, default=None,
+                    help="residual norm above which a token is an outlier (default: the authors')")
+    fn.add_argument("--detect-layer", type=int, default=None,
+                    help="block whose output norms mark outliers; negative counts from the end (default: -1, "
+                         "-2 for DINOv2-L)")
+    fn.add_argument("--num-images", type=int, default=100, help="images used (the authors' notebook: 100)")
+    fn.add_argument("--resolution", type=int, default=224, help="resize + centre crop size (the authors': 224)")
+    fn.add_argument("--batch-size", type=int, default=8)
+    fn.add_argument("--weights", default=None, metavar="FILE", help="weights file instead of the local caches")
+    fn.add_argument("--random-init", action="store_true", help="same architecture, random weights (tests)")
+    fn.add_argument("--download", action="store_true", help="allow fetching missing weights (needs network)")
+    fn.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
 
     ls = sub.add_parser("list", help="list registered names")
     ls.add_argument("kind", choices=KINDS)
@@ -114,6 +164,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     from .errors import ConfigError
     from .evaluators.base import RunConfig
     from .registry import EVALUATORS
+    from .results.summary import format_record
 
     methods, datasets, roots = _split(a.method), _split(a.dataset), _split(a.data_root)
     if len(roots) != len(datasets):
@@ -121,23 +172,18 @@ def cmd_run(a: argparse.Namespace) -> int:
     params = _parse_params(a.param)
     evaluator = EVALUATORS.get(a.task)()
     split = a.split or ("test" if a.task == "depth" else "val")
-    if params and len(methods) > 1:
-        raise ConfigError("--param applies to a single --method; run methods with parameters one at a time")
+    from .models import parse_method_weights
+
+    method_weights = parse_method_weights(a.method_weights)
     for ds, root in zip(datasets, roots):
         cfg = RunConfig(task=a.task, backbone=a.backbone, method=methods[0], dataset=ds,
                         data_root=os.path.expanduser(root), method_params=params, split=split, protocol=a.protocol,
-                        weights=a.weights, random_init=a.random_init, allow_download=a.download, device=a.device,
+                        weights=a.weights, method_weights=method_weights, random_init=a.random_init,
+                        allow_download=a.download, device=a.device,
                         batch_size=a.batch_size, num_workers=a.workers, limit=a.limit, results_dir=a.results_dir,
                         cache_dir=a.cache_dir, force=a.force, seed=a.seed, progress=not a.no_progress,
                         save_predictions=a.save_predictions)
-        if hasattr(evaluator, "run_methods"):  # one pass for all methods (shared data, text and trunk)
-            recs = evaluator.run_methods(cfg, methods)
-        else:
-            recs = []
-            for m in methods:
-                cfg.method = m
-                recs.append(evaluator.run(cfg))
-        for rec in recs:
+        for rec in evaluator.run_methods(cfg, methods):  # OVSS: one pass sharing data, text and trunk
             print(format_record(rec))
     return 0
 
@@ -176,27 +222,6 @@ def cmd_suite(a: argparse.Namespace) -> int:
                                  ("--no-progress", a.no_progress), ("--download", a.download)) if on]
         cmd_run(build_parser().parse_args(args))
     return 0
-
-
-def format_record(rec: Any) -> str:
-    """A short human summary of a RunRecord, with the per-class table for segmentation."""
-    lines = [f"== {rec.task} | {rec.protocol} v{rec.protocol_version} | {rec.backbone} ({rec.weights[:12]}) | "
-             f"{rec.method} | {rec.dataset} ({rec.num_images} images, {rec.wall_time_s:.1f} s)"]
-    if rec.weights == "random-init":
-        lines.append("   NOTE: random-init weights -- these numbers say nothing about the method.")
-    if rec.per_class:
-        width = max(len(c) for c in rec.per_class)
-        lines.append(f"   {'class':<{width}}  {'IoU':>6}  {'Acc':>6}")
-        for c, v in rec.per_class.items():
-            lines.append(f"   {c:<{width}}  {_fmt(v.get('IoU')):>6}  {_fmt(v.get('Acc')):>6}")
-    lines.append("   " + "  ".join(f"{k} {_fmt(v)}" for k, v in rec.metrics.items()))
-    return "\n".join(lines)
-
-
-def _fmt(v: Optional[float]) -> str:
-    if v is None or v != v:
-        return "nan"
-    return f"{v:.2f}" if abs(v) >= 1 else f"{v:.4f}"
 
 
 def cmd_list(a: argparse.Namespace) -> int:
@@ -274,8 +299,48 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return run_demo(a.out, a.images, a.device)
 
 
-COMMANDS = {"run": cmd_run, "suite": cmd_suite, "list": cmd_list, "data": cmd_data, "report": cmd_report,
-            "demo": cmd_demo}
+def cmd_ttr(a: argparse.Namespace) -> int:
+    """``harness ttr find-neurons``: search, write the neuron file, print the ranking."""
+    import json
+
+    import torch
+
+    from .image_folder import list_images, load_image
+    from .methods.ttr_search import find_register_neurons, settings_for
+    from .models import build_dense_model
+    from .runtime import progress, select_device
+
+    settings = settings_for(a.backbone, a.detect_layer, a.norm_threshold, a.layer_limit, a.top_k)
+    device = select_device(a.device)
+    model = build_dense_model(a.backbone, "vanilla", weights=a.weights, random_init=a.random_init,
+                              allow_download=a.download).to(device)
+    paths = list_images(a.images, a.num_images)
+    spec = model.spec
+    bs = max(1, a.batch_size)
+
+    def batches():  # type: ignore[no-untyped-def]
+        for i in progress(range(0, len(paths), bs), desc=f"ttr find-neurons {a.backbone}"):
+            yield torch.stack([load_image(p, a.resolution, spec.mean, spec.std) for p in paths[i:i + bs]]).to(device)
+
+    result = find_register_neurons(model, batches(), settings)
+    out = {"backbone": spec.id, "weights": model.backbone.weights_id, **result.to_json(),
+           "resolution": a.resolution, "images_folder": os.path.abspath(a.images),
+           "source": "harness ttr find-neurons (Jiang et al., Vision Transformers Don't Need Trained Registers, "
+                     "NeurIPS 2025, arXiv:2506.08010)"}
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"{result.images_with_outliers}/{result.images} images with tokens of norm > {settings.norm_threshold:g} "
+          f"after block {model.backbone.block_index(settings.detect_layer)} ({result.outlier_tokens} tokens; "
+          f"largest norm {result.max_norm:.1f})")
+    for rank, ((layer, unit), score) in enumerate(zip(result.neurons, result.scores), 1):
+        print(f"  {rank:>3}. layer {layer:>2} unit {unit:>5}  mean |act| on outliers {score:.3f}")
+    print(f"wrote {a.out}  (use: --method ttr --method-weights {a.out})")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "ttr": cmd_ttr, "suite": cmd_suite, "list": cmd_list, "data": cmd_data,
+            "report": cmd_report, "demo": cmd_demo}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

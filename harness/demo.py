@@ -19,10 +19,10 @@ DEMO_IMAGE_SIZE = (320, 320)
 
 
 def run_demo(out: str, num_images: int = 4, device: str = "auto") -> int:
-    from .cli import format_record
     from .evaluators.base import RunConfig
     from .registry import EVALUATORS
     from .results.report import write_report
+    from .results.summary import format_record
     from .synthetic.segmentation import write_demo_voc
 
     t0 = time.time()

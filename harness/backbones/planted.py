@@ -101,8 +101,8 @@ TAU = 0.7  # post-ln_2 energy at which the register neuron switches off
 NEURON_MARGIN = 0.25  # the gate must be clearly positive: no firing where the interpolated gate is ~0
 NEURON_GAIN = 40.0  # A: steep, so few tokens sit in the ramp or in GELU's negative lobe (which writes -outlier)
 OUTLIER_GAIN = 10.0  # c_proj weight along `outlier`: outlier residual norm ~ A * OUTLIER_GAIN
-SINK_QUERY = 2.5  # query bias along q_h
-SINK_KEY = 0.9  # key weight outlier -> q_h
+SINK_QUERY = 4.0  # query bias along q_h (with SINK_KEY: logit gap ~14, so sinks take ~all attention, as in real ViTs)
+SINK_KEY = 2.5  # key weight outlier -> q_h
 PROJ_GAIN = 5.0  # visual.proj weight along `outlier`
 
 

@@ -6,9 +6,9 @@ import os
 import pytest
 import torch
 
-from harness.methods.base import DenseModel
 from harness.backbones.weights import sha256_file
 from harness.errors import WeightsError
+from harness.methods.base import DenseModel
 from harness.models import build_dense_model
 from harness.registry import BACKBONE_FAMILIES, BACKBONES, METHODS
 

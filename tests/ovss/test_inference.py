@@ -74,9 +74,8 @@ def test_whole_mode_upsamples_grid_to_original_size():
 
 def test_shared_trunk_equals_separate_forwards():
     """Several methods on one backbone: trunk computed once, same features as each model alone."""
-    from harness.models import build_dense_model
+    from harness.models import attach_method, build_dense_model
     from harness.ovss.inference import shared_trunk_features
-    from harness.models import attach_method
 
     base = build_dense_model("clip-b16-openai", "clip", random_init=True)
     models = [base] + [attach_method(base.backbone, m) for m in ("maskclip", "naclip")]
