@@ -238,6 +238,10 @@ def cmd_list(a: argparse.Namespace) -> int:
     for name, obj in reg.items():
         if a.kind == "backbones":
             text = f"{obj.arch} / {obj.weights_tag}: {obj.description}"
+        elif a.kind == "methods":
+            touches = ", ".join(obj.TOUCHES) or "nothing"
+            weights = f"; --method-weights {obj.WEIGHTS}" if obj.WEIGHTS else ""
+            text = f"[{touches}{weights}] {describe(obj)}"
         else:
             text = describe(obj)
         aliases = reg.aliases_of(name)

@@ -8,7 +8,7 @@ from .backbones.base import Backbone, BackboneSpec
 from .backbones.weights import resolve_weights, sha256_file
 from .errors import ConfigError, WeightsError
 from .methods.base import DenseModel, Method, check_composition, split_composition
-from .registry import BACKBONE_FAMILIES, BACKBONES, METHODS
+from .registry import BACKBONE_FAMILIES, BACKBONES, METHODS, RegistryError
 
 MethodWeights = Union[None, str, Mapping[str, str]]
 
@@ -39,7 +39,11 @@ def parse_method_weights(value: Optional[str]) -> MethodWeights:
         if "=" not in it:
             raise ConfigError(f"--method-weights {value!r}: with several files write PART=FILE,PART=FILE")
         k, v = it.split("=", 1)
-        out[METHODS.canonical(k.strip())] = os.path.expanduser(v.strip())
+        try:
+            part = METHODS.canonical(k.strip())
+        except RegistryError as e:
+            raise ConfigError(f"--method-weights {it}: {e}") from e
+        out[part] = os.path.expanduser(v.strip())
     return out
 
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..backbones.base import Backbone, BackboneSpec, BlockParts, DenseFeatures, Tokens, split_features
-from ..errors import ConfigError
+from ..errors import ConfigError, WeightsError
 
 #: the places a method can touch, in the order they act in the forward (also the canonical order of parts)
 TOUCH_KINDS = ("tokens", "layers", "last_block", "post_norm", "wrapper")
@@ -84,6 +84,13 @@ class Method(nn.Module):
         if weights_path is not None:
             raise ConfigError(f"method {self.name!r} takes no --method-weights (got {weights_path})")
         return None
+
+    def require_weights(self, backbone: Backbone, weights_path: Optional[str]) -> str:
+        """``weights_path``, or a clear error saying that this method needs ``--method-weights`` and what."""
+        if weights_path is None:
+            what = f": {self.WEIGHTS_HELP}" if self.WEIGHTS_HELP else ""
+            raise WeightsError(f"method {self.name!r} on backbone {backbone.spec.id!r} needs --method-weights{what}")
+        return weights_path
 
     # -- the five places a method may touch (implement those named in TOUCHES) ---------------------
     def add_tokens(self, backbone: Backbone, tokens: Tokens) -> Tokens:

@@ -5,6 +5,6 @@ from .last_block import LastBlockMethod
 
 @METHODS.register("clearclip")
 class ClearCLIP(LastBlockMethod):
-    """softmax(q qᵀ s), residual and FFN dropped (model_type='ClearCLIP', ignore_residual; ovss.md §1.1)."""
+    """softmax(q qᵀ s), residual and FFN dropped (mc-lan/ClearCLIP: model_type='ClearCLIP', ignore_residual)."""
 
     CONFIG = {"kernel": "qq", "residual": False, "ffn": False}

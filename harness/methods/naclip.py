@@ -5,7 +5,7 @@ from .last_block import LastBlockMethod
 
 @METHODS.register("naclip")
 class NACLIP(LastBlockMethod):
-    """softmax(k kᵀ s + Ω), Gaussian Ω with σ = 5 patches, no residual, no FFN (arch='reduced'; ovss.md §1.1)."""
+    """softmax(k kᵀ s + Ω), Gaussian Ω with σ = 5 patches, no residual, no FFN (sinahmr/NACLIP: arch='reduced')."""
 
     CONFIG = {"kernel": "kk+gauss", "residual": False, "ffn": False}
-    PARAMS = {"sigma": 5.0}  # NACLIP default gaussian_std=5.0 (sinahmr/NACLIP naclip.py; ovss.md §1.1)
+    PARAMS = {"sigma": 5.0}  # NACLIP default gaussian_std=5.0 (sinahmr/NACLIP naclip.py)

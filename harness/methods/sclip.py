@@ -5,6 +5,6 @@ from .last_block import LastBlockMethod
 
 @METHODS.register("sclip")
 class SCLIP(LastBlockMethod):
-    """softmax(q qᵀ s) + softmax(k kᵀ s), residual and FFN kept (SCLIP clip/model.py; ovss.md §1.1)."""
+    """softmax(q qᵀ s) + softmax(k kᵀ s), residual and FFN kept (wangf3014/SCLIP clip/model.py)."""
 
     CONFIG = {"kernel": "qq+kk", "residual": True, "ffn": True}

@@ -102,10 +102,7 @@ class TTRegisters(Method):
         self.neurons: Dict[int, List[int]] = {}
 
     def bind(self, backbone: Backbone, weights_path: Optional[str]) -> Optional[str]:
-        path = weights_path or PACKAGED_NEURONS.get(backbone.spec.id)
-        if path is None:
-            raise WeightsError(f"method 'ttr' on backbone {backbone.spec.id!r} needs --method-weights: "
-                               f"{self.WEIGHTS_HELP}")
+        path = self.require_weights(backbone, weights_path or PACKAGED_NEURONS.get(backbone.spec.id))
         self.neurons = neurons_by_layer(path, backbone)
         return path
 

@@ -8,6 +8,6 @@ from .base import Method
 
 @METHODS.register("vanilla", aliases=("clip",))
 class Vanilla(Method):
-    """Unmodified backbone: softmax(q kᵀ s) attention, residual and FFN kept (ovss.md §1.1, CLIP row)."""
+    """Unmodified backbone: softmax(q kᵀ s) attention, residual and FFN kept (PH-Reg Tables 1-2, CLIP/DINOv2)."""
 
     TOUCHES = ()

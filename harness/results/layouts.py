@@ -33,8 +33,8 @@ DECIMALS: Dict[str, int] = {"mIoU": 2, "mAcc": 2, "aAcc": 2, "pearson": 3, "rmse
 #: column order of the tidy leaderboard.csv (one row per record x metric, then the published numbers)
 CSV_COLUMNS: Tuple[str, ...] = (
     "source", "task", "protocol", "protocol_version", "backbone", "weights", "random_init", "method",
-    "method_params", "dataset", "split", "metric", "value", "num_images", "official_num_images", "limit",
-    "partial", "created", "git_hash", "harness_version", "paper", "table", "citation",
+    "method_params", "method_weights", "dataset", "split", "metric", "value", "num_images", "official_num_images",
+    "limit", "partial", "created", "git_hash", "harness_version", "paper", "table", "citation",
 )
 
 Column = Tuple[str, str]  # (dataset, metric)

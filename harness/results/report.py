@@ -70,11 +70,16 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]
     return out
 
 
-def _method_label(method: str, params_json: str) -> str:
+def _method_label(method: str, params_json: str, weights_json: str = "{}") -> str:
+    """``method (param=value, ...) [part weights sha256[:8]]``: every cell says which method weights made it."""
     params = json.loads(params_json)
-    if not params:
-        return method
-    return f"{method} (" + ", ".join(f"{k}={v}" for k, v in sorted(params.items())) + ")"
+    label = method
+    if params:
+        label += " (" + ", ".join(f"{k}={v}" for k, v in sorted(params.items())) + ")"
+    weights = json.loads(weights_json)
+    if weights:
+        label += " [" + ", ".join(f"{k} {v[:8]}" for k, v in sorted(weights.items())) + "]"
+    return label
 
 
 def _weights_label(weights: str) -> str:
@@ -96,6 +101,7 @@ class _Row:
 
     method: str
     params_json: str
+    method_weights: str  # JSON {part: sha256}
     backbone: str
     weights: str
     split: str
@@ -103,15 +109,17 @@ class _Row:
 
 
 def _rows_for(records: Sequence[RunRecord], official_counts: Optional[OfficialCounts]) -> List[_Row]:
-    rows: Dict[Tuple[str, str, str, str, str], _Row] = {}
+    rows: Dict[Tuple[str, str, str, str, str, str], _Row] = {}
     for rec in records:
-        key = (rec.method, params_json(rec.method_params), rec.backbone, rec.weights, rec.split)
+        key = (rec.method, params_json(rec.method_params), params_json(rec.method_weights), rec.backbone, rec.weights,
+               rec.split)
         row = rows.setdefault(key, _Row(*key, cells={}))
         partial = is_partial(rec, official_counts)
         for metric, value in (rec.metrics or {}).items():
             if value is not None:
                 row.cells[(rec.dataset, metric)] = (float(value), rec, partial)
-    return sorted(rows.values(), key=lambda r: (r.backbone, r.method, r.params_json, r.weights, r.split))
+    return sorted(rows.values(), key=lambda r: (r.backbone, r.method, r.params_json, r.method_weights, r.weights,
+                                                r.split))
 
 
 def _avg(values: Mapping[Column, Optional[float]], avg_cols: Sequence[Column]) -> Optional[float]:
@@ -176,7 +184,8 @@ def _our_table(layout: Layout, rows: List[_Row], task: str, protocol: str,
         if not cells:
             continue
         ours = {c: v for c, (v, _, _) in cells.items()}
-        line = [_method_label(row.method, row.params_json), row.backbone, _weights_label(row.weights)]
+        line = [_method_label(row.method, row.params_json, row.method_weights), row.backbone,
+                _weights_label(row.weights)]
         if show_split:
             line.append(row.split)
         for c in layout.columns:
@@ -341,13 +350,15 @@ def leaderboard_rows(records: Sequence[RunRecord], published: Optional[pd.DataFr
             rows.append(dict(
                 source="ours", task=rec.task, protocol=rec.protocol, protocol_version=rec.protocol_version,
                 backbone=rec.backbone, weights=rec.weights, random_init=rec.random_init, method=rec.method,
-                method_params=params_json(rec.method_params), dataset=rec.dataset, split=rec.split, metric=metric,
+                method_params=params_json(rec.method_params), method_weights=params_json(rec.method_weights),
+                dataset=rec.dataset, split=rec.split, metric=metric,
                 value=value, num_images=rec.num_images, official_num_images=n_official if n_official else "",
                 limit="" if limit is None else limit, partial=is_partial(rec, official_counts),
                 created=rec.created, git_hash=rec.git_hash, harness_version=rec.harness_version,
                 paper="", table="", citation=""))
     rows.sort(key=lambda r: (r["task"], r["protocol"], r["protocol_version"], r["backbone"], r["method"],
-                             r["method_params"], r["weights"], r["dataset"], r["split"], r["metric"]))
+                             r["method_params"], r["method_weights"], r["weights"], r["dataset"], r["split"],
+                             r["metric"]))
     if published is not None:
         for r in published.itertuples(index=False):
             if r.dataset == AVG_DATASET:

@@ -67,7 +67,7 @@ def is_partial(rec: RunRecord, official_counts: Optional[OfficialCounts] = None)
 def cell_key(rec: RunRecord) -> Tuple[Any, ...]:
     """What makes two records compete for the same leaderboard cell."""
     return (rec.task, rec.protocol, rec.protocol_version, rec.backbone, rec.weights, rec.method,
-            params_json(rec.method_params), rec.dataset, rec.split)
+            params_json(rec.method_params), params_json(rec.method_weights), rec.dataset, rec.split)
 
 
 def select_records(records: Iterable[RunRecord],

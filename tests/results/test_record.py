@@ -28,3 +28,10 @@ def test_record_round_trip_is_atomic(tmp_path):
     assert back == rec and back.random_init
     assert not list((tmp_path / "runs").glob("*.tmp"))
     assert rec.harness_version and rec.git_hash and rec.environment.get("torch")
+
+
+def test_method_weights_join_the_key_only_when_present():
+    k = run_key(**BASE)
+    assert run_key(**BASE, method_weights={}) == k  # training-free runs keep their earlier keys
+    a = run_key(**BASE, method_weights={"ttr": "aa"})
+    assert a != k and a != run_key(**BASE, method_weights={"ttr": "bb"})

@@ -231,3 +231,13 @@ def test_no_records_still_writes_published_tables(tmp_path) -> None:
     r = report(tmp_path, [])
     assert r["csv"] and all(x["source"] == "published" for x in r["csv"])
     assert "No runs under this protocol yet." in r["md"]
+
+
+def test_method_weights_make_their_own_cells(tmp_path) -> None:
+    """Two method-weights files are two leaderboard rows, each naming its file's hash."""
+    a, b = rec(method="ttr"), rec(method="ttr", metrics={"mIoU": 40.0})
+    a.method_weights, b.method_weights = {"ttr": "11" * 32}, {"ttr": "22" * 32}
+    out = report(tmp_path, [a, b])
+    assert "ttr [ttr 11111111]" in out["md"] and "ttr [ttr 22222222]" in out["md"]
+    ours = [r for r in out["csv"] if r["source"] == "ours"]
+    assert sorted(r["method_weights"] for r in ours) == [f'{{"ttr": "{"11" * 32}"}}', f'{{"ttr": "{"22" * 32}"}}']
