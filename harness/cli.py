@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="evaluate backbone x method on a dataset under a protocol",
                        description="Evaluate; comma-separated --method/--dataset values run each combination "
                                    "(one --data-root per dataset, comma-separated in the same order).")
-    r.add_argument("task", choices=TASKS)
+    r.add_argument("task", choices=TASKS, metavar="TASK",
+                   help="task: an evaluator's name (harness list evaluators: ovss, linear-seg, depth)")
     r.add_argument("--backbone", required=True, help="backbone id (harness list backbones)")
     r.add_argument("--method", default="vanilla",
                    help="method name(s), comma-separated; compose parts with + (ttr+naclip, naclip+tta); "

@@ -1,11 +1,14 @@
 """The method half of the dense interface: a cleaning method says what it touches; :class:`DenseModel` runs it.
 
-A method (one registered :class:`Method` subclass in one file) declares in ``TOUCHES`` which of five
-places of the forward it changes, and implements only that hook:
+A method (one registered :class:`Method` subclass in one file) declares in ``TOUCHES`` which places of
+the forward it changes, and implements only those hooks:
 
 ==============  ===================================================  ==========================
 touches         what                                                 implement
 ==============  ===================================================  ==========================
+``backbone``    the vision weights replaced (a trained student):     :meth:`Method.vision`
+                the stages run on the method's own copy; the text
+                tower stays the backbone's
 ``tokens``      tokens added to the sequence (e.g. a test-time       :meth:`Method.add_tokens`
                 register after the patches, before the pre-norm)
 ``layers``      hooks on the MLP hidden units of chosen layers       :meth:`Method.layer_hooks`
@@ -15,8 +18,8 @@ touches         what                                                 implement
 ``wrapper``     a wrapper around the whole forward (TTA)             :meth:`Method.wrap`
 ==============  ===================================================  ==========================
 
-Methods compose with ``+`` (``ttr+naclip``, ``naclip+tta``): at most one last-block rule and one wrapper
-per composition. :class:`DenseModel` is the one object evaluators receive; it runs the backbone's stages
+Methods compose with ``+`` (``ttr+naclip``, ``naclip+tta``): at most one vision replacement, one last-block
+rule and one wrapper per composition. :class:`DenseModel` is the one object evaluators receive; it runs the backbone's stages
 (:mod:`harness.backbones.base`) with the parts' hooks in place, and tells a multi-method pass how much of
 the trunk it can share (:meth:`DenseModel.shared_blocks`, :func:`forward_dense_many`).
 """
@@ -32,7 +35,7 @@ from ..backbones.base import Backbone, BackboneSpec, BlockParts, DenseFeatures, 
 from ..errors import ConfigError, WeightsError
 
 #: the places a method can touch, in the order they act in the forward (also the canonical order of parts)
-TOUCH_KINDS = ("tokens", "layers", "last_block", "post_norm", "wrapper")
+TOUCH_KINDS = ("backbone", "tokens", "layers", "last_block", "post_norm", "wrapper")
 #: a layer hook: (hidden activations (B, L, H), layout of the tokens) -> edited activations
 LayerHook = Callable[[torch.Tensor, Tokens], torch.Tensor]
 #: a forward the wrapper may call: normalised images -> dense features
@@ -92,7 +95,12 @@ class Method(nn.Module):
             raise WeightsError(f"method {self.name!r} on backbone {backbone.spec.id!r} needs --method-weights{what}")
         return weights_path
 
-    # -- the five places a method may touch (implement those named in TOUCHES) ---------------------
+    # -- the places a method may touch (implement those named in TOUCHES) ---------------------------
+    def vision(self, backbone: Backbone) -> Backbone:
+        """``backbone``: the vision stages to run instead of ``backbone``'s (e.g. a student with its own
+        weights). Called once, after :meth:`bind`; the returned module belongs to this method."""
+        raise NotImplementedError
+
     def add_tokens(self, backbone: Backbone, tokens: Tokens) -> Tokens:
         """``tokens``: insert tokens after the embedding, before the pre-norm (use ``tokens.insert``)."""
         raise NotImplementedError
@@ -132,7 +140,8 @@ def check_composition(parts: Sequence[Method]) -> List[Method]:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ConfigError(f"method {'+'.join(names)!r}: part {dup[0]!r} appears twice")
-    for kind, what in (("last_block", "replace the last block"), ("wrapper", "wrap the whole forward")):
+    for kind, what in (("backbone", "replace the vision weights"), ("last_block", "replace the last block"),
+                       ("wrapper", "wrap the whole forward")):
         clash = [p.name for p in parts if p.touches(kind)]
         if len(clash) > 1:
             raise ConfigError(f"method {'+'.join(names)!r}: parts {clash[0]!r} and {clash[1]!r} both {what}; "
@@ -176,6 +185,9 @@ class DenseModel(nn.Module):
         #: part name -> sha256 of its weights file (filled by harness.models when weights are bound)
         self.method_weights: Dict[str, str] = {}
         kinds: Dict[str, List[Method]] = {k: [p for p in self.parts if p.touches(k)] for k in TOUCH_KINDS}
+        # the vision stages that run: the backbone's, or a method's replacement (text stays the backbone's);
+        # kept out of the module tree (the backbone and the method already own it)
+        object.__setattr__(self, "_vision", kinds["backbone"][0].vision(backbone) if kinds["backbone"] else backbone)
         self._token_parts = kinds["tokens"]
         self._last_rule: Optional[Method] = kinds["last_block"][0] if kinds["last_block"] else None
         self._post_parts = kinds["post_norm"]
@@ -184,6 +196,11 @@ class DenseModel(nn.Module):
         self._hooks: Optional[Dict[int, List[LayerHook]]] = None
 
     # -- identity ---------------------------------------------------------------------------------
+    @property
+    def vision(self) -> Backbone:
+        """The vision stages that run: the backbone's, or those of a method that replaces them."""
+        return self._vision  # type: ignore[attr-defined]
+
     @property
     def spec(self) -> BackboneSpec:
         return self.backbone.spec
@@ -210,28 +227,28 @@ class DenseModel(nn.Module):
         if self._hooks is None:
             out: Dict[int, List[LayerHook]] = {}
             for part in self._hook_parts:
-                for layer, fn in part.layer_hooks(self.backbone).items():
-                    out.setdefault(self.backbone.block_index(int(layer)), []).append(fn)
+                for layer, fn in part.layer_hooks(self.vision).items():
+                    out.setdefault(self.vision.block_index(int(layer)), []).append(fn)
             self._hooks = out
         return self._hooks
 
     def start(self, images: torch.Tensor, clean: bool = True) -> Tokens:
         """Embedding, added tokens (when ``clean``) and the pre-norm: the input of block 0."""
-        tokens = self.backbone.embed(images)
+        tokens = self.vision.embed(images)
         if clean:
             for part in self._token_parts:
-                tokens = part.add_tokens(self.backbone, tokens)
-        return tokens.with_x(self.backbone.pre_norm(tokens.x))
+                tokens = part.add_tokens(self.vision, tokens)
+        return tokens.with_x(self.vision.pre_norm(tokens.x))
 
     def run_blocks(self, tokens: Tokens, start: int, stop: int, clean: bool = True) -> Tokens:
         """Blocks ``start`` .. ``stop - 1`` with this model's hooks and last-block rule (when ``clean``)."""
-        n = self.backbone.num_blocks
+        n = self.vision.num_blocks
         hooks = self.hooks() if clean else {}
         for i in range(start, stop):
-            parts = self.backbone.block(i)
+            parts = self.vision.block(i)
             with _hooked(parts, hooks.get(i, ()), tokens):
                 if clean and i == n - 1 and self._last_rule is not None:
-                    x = self._last_rule.last_block(self.backbone, parts, tokens)
+                    x = self._last_rule.last_block(self.vision, parts, tokens)
                 else:
                     x = parts.run(tokens.x)
             tokens = tokens.with_x(x)
@@ -239,13 +256,13 @@ class DenseModel(nn.Module):
 
     def readout(self, tokens: Tokens) -> DenseFeatures:
         """Final norm, post-norm maps, projection; added tokens dropped."""
-        out = tokens.with_x(self.backbone.final_norm(tokens.x))
+        out = tokens.with_x(self.vision.final_norm(tokens.x))
         for part in self._post_parts:
-            out = part.post_norm(self.backbone, out)
-        return split_features(out.with_x(self.backbone.project(out.x)))
+            out = part.post_norm(self.vision, out)
+        return split_features(out.with_x(self.vision.project(out.x)))
 
     def _forward_plain(self, images: torch.Tensor) -> DenseFeatures:
-        return self.readout(self.run_blocks(self.start(images), 0, self.backbone.num_blocks))
+        return self.readout(self.run_blocks(self.start(images), 0, self.vision.num_blocks))
 
     def forward_dense(self, images: torch.Tensor) -> DenseFeatures:
         """Normalised images (B, 3, H, W), H and W multiples of the patch size -> dense features."""
@@ -260,7 +277,7 @@ class DenseModel(nn.Module):
         """Residual-stream tokens after each block in ``layers`` (negative = from the end), with this
         model's added tokens and hooks in place (like timm's ``forward_intermediates``). Wrappers do not
         apply: their output is not a residual stream."""
-        want = sorted({self.backbone.block_index(int(i)) for i in layers})
+        want = sorted({self.vision.block_index(int(i)) for i in layers})
         tokens = self.start(images)
         out: Dict[int, Tokens] = {}
         done = 0
@@ -268,7 +285,7 @@ class DenseModel(nn.Module):
             tokens = self.run_blocks(tokens, done, i + 1)
             done = i + 1
             out[i] = tokens
-        return {int(layer): out[self.backbone.block_index(int(layer))] for layer in layers}
+        return {int(layer): out[self.vision.block_index(int(layer))] for layer in layers}
 
     # -- sharing the trunk ----------------------------------------------------------------------------
     def shared_blocks(self) -> Optional[int]:
@@ -277,9 +294,9 @@ class DenseModel(nn.Module):
         ``None`` when even the input differs (tokens added at the input, or a wrapper that changes the
         images): such a model shares nothing with others in a multi-method pass.
         """
-        if self._token_parts or self._wrapper is not None:
+        if self._token_parts or self._wrapper is not None or self.vision is not self.backbone:
             return None
-        n = self.backbone.num_blocks
+        n = self.vision.num_blocks
         touched = set(self.hooks())
         if self._last_rule is not None:
             touched.add(n - 1)
@@ -287,7 +304,7 @@ class DenseModel(nn.Module):
 
     def continue_from(self, tokens: Tokens, block: int) -> DenseFeatures:
         """Finish the forward from plain-trunk ``tokens`` after ``block`` blocks (see :meth:`shared_blocks`)."""
-        return self.readout(self.run_blocks(tokens, block, self.backbone.num_blocks))
+        return self.readout(self.run_blocks(tokens, block, self.vision.num_blocks))
 
 
 def forward_dense_many(models: Sequence[DenseModel], images: torch.Tensor) -> List[DenseFeatures]:
@@ -303,7 +320,7 @@ def forward_dense_many(models: Sequence[DenseModel], images: torch.Tensor) -> Li
         if m.shared_blocks() is None:
             out[i] = m.forward_dense(images)
         else:
-            groups.setdefault(id(m.backbone), []).append(i)
+            groups.setdefault(id(m.vision), []).append(i)
     for idx in groups.values():
         if len(idx) == 1:
             out[idx[0]] = models[idx[0]].forward_dense(images)

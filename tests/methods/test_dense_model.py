@@ -182,3 +182,34 @@ def test_a_layer_hook_shares_the_blocks_before_it(planted) -> None:
     with torch.no_grad():
         assert (shared[0].patch - hooked.forward_dense(x).patch).abs().max() < 1e-5
         assert (shared[0].patch - planted.forward_dense(x).patch).abs().max() > 1e-4  # the hook did something
+
+
+def test_a_method_can_replace_the_vision_weights(planted) -> None:
+    """``backbone``: the stages run on the method's own copy; the text tower and the backbone stay as they are."""
+    import copy
+
+    from harness.methods.base import DenseModel, Method
+
+    class Student(Method):
+        TOUCHES = ("backbone",)
+
+        def vision(self, backbone):  # type: ignore[no-untyped-def]
+            self.student = copy.deepcopy(backbone)
+            with torch.no_grad():
+                self.student.model.visual.proj.mul_(2.0)
+            return self.student
+
+    bb = planted.backbone
+    model = DenseModel(bb, [Student()], name="student")
+    x = low_information_images(1, (224, 224), seed=0)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_dense(x).patch, 2 * planted.forward_dense(x).patch)
+    assert model.vision is not bb and model.backbone is bb and model.shared_blocks() is None
+    assert not any(k.startswith("vision.") for k in model.state_dict())
+    with pytest.raises(ConfigError, match="both replace the vision weights"):
+        from harness.methods.base import check_composition
+
+        class Other(Student):
+            pass
+
+        check_composition([Student(), Other()])

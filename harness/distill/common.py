@@ -1,0 +1,203 @@
+"""What every ``harness distill ...`` trainer shares: seeded image streams, a checkpointed loop that resumes
+after a kill, a progress bar with loss and ETA, and the loss curve as CSV and PNG beside the output.
+
+Files written next to ``--out FILE``:
+
+* ``FILE``              the result (written once, atomically, at the end)
+* ``FILE.ckpt.pt``      resumable state: trainable tensors, optimiser, scheduler, RNG states, step, curves
+                        (written atomically every ``checkpoint_every`` steps and on Ctrl-C / SIGTERM)
+* ``FILE.curves.csv``   the loss per logged step (and any extra scalars), tidy
+* ``FILE.curves.png``   the same, plotted
+
+A checkpoint is resumed only when its fingerprint (everything that changes the numbers: backbone, weights,
+images, settings, seed) equals the run's; otherwise training starts over, so a changed command never
+continues a different run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import DataError, WeightsError
+from ..image_folder import list_images
+from ..probes.curves import Curves
+from ..runtime import progress
+
+
+class SimulatedKill(BaseException):
+    """Raised by the ``kill_after`` test hook: leaves the run as a SIGKILL would (no final save)."""
+
+
+def fingerprint(fields: Dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def image_files(folder: str, limit: Optional[int] = None) -> List[str]:
+    """The training images (sorted, recursive); a clear error when the folder has none."""
+    return list_images(folder, limit)
+
+
+def files_fingerprint(paths: Sequence[str]) -> str:
+    """Paths, sizes and modification times of the training images: a resumed run must see the same data."""
+    h = hashlib.sha256()
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _rng_state() -> Dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_save(obj: Any, path: str) -> str:
+    """``torch.save`` to a temporary file, then rename: a kill never leaves a half-written file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str) -> Dict[str, Any]:
+    """A checkpoint we wrote (``weights_only=False``: it holds RNG states and optimiser state, and it is ours;
+    files a user brings are always read with ``weights_only=True``)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated by a crash outside our atomic write, disk full, ...
+        raise WeightsError(f"{path}: unreadable checkpoint ({e}); delete it to start over") from e
+
+
+@dataclass
+class DistillLoop:
+    """A checkpointed training loop over ``total_steps`` steps.
+
+    ``modules`` are the objects whose ``state_dict`` is saved and restored (trainable modules, optimiser,
+    scheduler); ``step_fn(step)`` runs one optimisation step and returns its scalars (``loss`` first).
+    """
+
+    out: str
+    total_steps: int
+    fingerprint: str
+    modules: Dict[str, Any]
+    checkpoint_every: int = 100
+    log_every: int = 1
+    show_progress: bool = True
+    desc: str = "distill"
+    kill_after: Optional[int] = None  # test hook: stop like SIGKILL after this many steps in this process
+    curves: Curves = field(default_factory=Curves)
+    resumed_from: int = 0
+    _stop: bool = False
+
+    @property
+    def ckpt_path(self) -> str:
+        return self.out + ".ckpt.pt"
+
+    def resume(self) -> int:
+        """Restore the latest matching checkpoint; return the first step still to run."""
+        if not os.path.isfile(self.ckpt_path):
+            return 0
+        state = load_checkpoint(self.ckpt_path)
+        if state.get("fingerprint") != self.fingerprint:
+            return 0
+        for name, obj in self.modules.items():
+            obj.load_state_dict(state["modules"][name])
+        _set_rng_state(state["rng"])
+        self.curves = Curves(state.get("curves", ()))
+        self.resumed_from = int(state["step"])
+        return self.resumed_from
+
+    def save(self, step: int) -> None:
+        atomic_save({"fingerprint": self.fingerprint, "step": step, "rng": _rng_state(),
+                     "modules": {k: v.state_dict() for k, v in self.modules.items()},
+                     "curves": self.curves.state()}, self.ckpt_path)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:  # noqa: ARG002 - signal API
+        self._stop = True
+
+    def run(self, step_fn: Callable[[int], Dict[str, float]]) -> None:
+        """Run the remaining steps; checkpoint periodically and when interrupted (Ctrl-C, SIGTERM)."""
+        start = self.resume()
+        old = signal.signal(signal.SIGTERM, self._on_signal) if _main_thread() else None
+        bar = progress(total=self.total_steps, desc=self.desc, enabled=self.show_progress)
+        bar.update(start)
+        done_here = 0
+        step = start
+        t0 = time.time()
+        try:
+            for step in range(start, self.total_steps):
+                scalars = step_fn(step)
+                if step % self.log_every == 0 or step == self.total_steps - 1:
+                    for name, value in scalars.items():
+                        self.curves.add(step + 1, "train", "student", name, float(value))
+                done_here += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.4f}")
+                if (step + 1) % self.checkpoint_every == 0 and step + 1 < self.total_steps:
+                    self.save(step + 1)
+                if self.kill_after is not None and done_here >= self.kill_after:
+                    raise SimulatedKill(f"killed after {done_here} steps (test hook)")
+                if self._stop:
+                    raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            self.save(step + 1 if done_here else start)
+            raise
+        finally:
+            bar.close()
+            if old is not None:
+                signal.signal(signal.SIGTERM, old)
+        self.seconds = time.time() - t0
+
+    def write_curves(self, title: str) -> Dict[str, str]:
+        return {"curves_csv": self.curves.write_csv(self.out + ".curves.csv"),
+                "curves_png": self.curves.plot(self.out + ".curves.png", title)}
+
+    def finish(self, result: Dict[str, Any], title: str) -> Dict[str, str]:
+        """Write the result atomically, the curves beside it, and drop the checkpoint."""
+        atomic_save(result, self.out)
+        paths = self.write_curves(title)
+        if os.path.isfile(self.ckpt_path):
+            os.remove(self.ckpt_path)
+        return paths
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def cycle_batches(n: int, batch: int, seed: int, start_step: int) -> Iterator[List[int]]:
+    """Index batches of a seeded per-epoch permutation, from ``start_step`` on (so a resume sees the same
+    batches an uninterrupted run would)."""
+    if n < 1:
+        raise DataError("no training images")
+    per_epoch = max(1, n // batch) if n >= batch else 1
+    step = start_step
+    while True:
+        epoch, k = divmod(step, per_epoch)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        if n < batch:
+            perm = np.resize(perm, batch)
+        yield perm[k * batch:(k + 1) * batch].tolist()
+        step += 1
