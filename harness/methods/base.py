@@ -19,9 +19,9 @@ touches         what                                                 implement
 ==============  ===================================================  ==========================
 
 Methods compose with ``+`` (``ttr+naclip``, ``naclip+tta``): at most one vision replacement, one last-block
-rule and one wrapper per composition. :class:`DenseModel` is the one object evaluators receive; it runs the backbone's stages
-(:mod:`harness.backbones.base`) with the parts' hooks in place, and tells a multi-method pass how much of
-the trunk it can share (:meth:`DenseModel.shared_blocks`, :func:`forward_dense_many`).
+rule and one wrapper per composition. :class:`DenseModel` is the one object evaluators receive; it runs the
+backbone's stages (:mod:`harness.backbones.base`) with the parts' hooks in place, and tells a multi-method
+pass how much of the trunk it can share (:meth:`DenseModel.shared_blocks`, :func:`forward_dense_many`).
 """
 from __future__ import annotations
 
