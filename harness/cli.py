@@ -32,6 +32,8 @@ class _Tasks:
 
 
 TASKS = _Tasks()
+#: ``harness distill NAME`` -> the module whose ``run(args) -> int`` trains it
+DISTILLERS = {"phreg": "harness.distill.phreg", "dvt": "harness.distill.dvt"}
 KINDS = ("backbones", "methods", "datasets", "evaluators", "protocols")
 
 
@@ -131,6 +133,28 @@ def build_parser() -> argparse.ArgumentParser:
     fn.add_argument("--random-init", action="store_true", help="same architecture, random weights (tests)")
     fn.add_argument("--download", action="store_true", help="allow fetching missing weights (needs network)")
     fn.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+
+    ds = sub.add_parser("distill", help="train a cleaner's weights (PH-Reg student, DVT denoiser) on an image folder",
+                        description="Distil a cleaner for a backbone from unlabelled images; the output loads with "
+                                    "--method NAME --method-weights FILE.")
+    ds.add_argument("cleaner", choices=DISTILLERS, help="what to train")
+    ds.add_argument("--backbone", required=True, help="backbone id (harness list backbones)")
+    ds.add_argument("--images", required=True, metavar="DIR", help="folder of training images (recursive)")
+    ds.add_argument("--out", required=True, metavar="FILE", help="output weights file")
+    ds.add_argument("--steps", type=int, default=None, help="optimisation steps (overrides --epochs)")
+    ds.add_argument("--epochs", type=int, default=None, help="passes over the images (default: the recipe's)")
+    ds.add_argument("--batch-size", type=int, default=None, help="images per step (default: the recipe's)")
+    ds.add_argument("--num-images", type=int, default=None, help="use only the first N images")
+    ds.add_argument("--resolution", type=int, default=None, help="training crop (default: the recipe's)")
+    ds.add_argument("--stage", default=None, help="dvt: 1 (per-image neural fields), 2 (denoiser) or all")
+    ds.add_argument("--checkpoint-every", type=int, default=100, help="steps between resumable checkpoints")
+    ds.add_argument("--seed", type=int, default=0)
+    ds.add_argument("--weights", default=None, metavar="FILE", help="backbone weights file instead of the caches")
+    ds.add_argument("--random-init", action="store_true", help="same architecture, random weights (tests)")
+    ds.add_argument("--download", action="store_true", help="allow fetching missing weights (needs network)")
+    ds.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    ds.add_argument("--workers", type=int, default=2, help="data-loading worker processes")
+    ds.add_argument("--no-progress", action="store_true")
 
     ls = sub.add_parser("list", help="list registered names")
     ls.add_argument("kind", choices=KINDS)
@@ -344,7 +368,13 @@ def cmd_ttr(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "ttr": cmd_ttr, "suite": cmd_suite, "list": cmd_list, "data": cmd_data,
+def cmd_distill(a: argparse.Namespace) -> int:
+    import importlib
+
+    return int(importlib.import_module(DISTILLERS[a.cleaner]).run(a))
+
+
+COMMANDS = {"run": cmd_run, "ttr": cmd_ttr, "distill": cmd_distill, "suite": cmd_suite, "list": cmd_list, "data": cmd_data,
             "report": cmd_report, "demo": cmd_demo}
 
 
