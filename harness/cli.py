@@ -374,8 +374,8 @@ def cmd_distill(a: argparse.Namespace) -> int:
     return int(importlib.import_module(DISTILLERS[a.cleaner]).run(a))
 
 
-COMMANDS = {"run": cmd_run, "ttr": cmd_ttr, "distill": cmd_distill, "suite": cmd_suite, "list": cmd_list, "data": cmd_data,
-            "report": cmd_report, "demo": cmd_demo}
+COMMANDS = {"run": cmd_run, "ttr": cmd_ttr, "distill": cmd_distill, "suite": cmd_suite, "list": cmd_list,
+            "data": cmd_data, "report": cmd_report, "demo": cmd_demo}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
