@@ -56,6 +56,14 @@ def _split(value: str) -> List[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _model_options(p: argparse.ArgumentParser) -> None:
+    """Where the backbone's weights come from, and the device: the same for every command that builds one."""
+    p.add_argument("--weights", default=None, metavar="FILE", help="weights file instead of the local caches")
+    p.add_argument("--random-init", action="store_true", help="same architecture, random weights (tests, demo)")
+    p.add_argument("--download", action="store_true", help="allow fetching missing weights (needs network)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="harness", description="Benchmark dense features of (cleaned) ViTs.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -77,15 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--data-root", required=True, help="dataset root(s), comma-separated like --dataset")
     r.add_argument("--protocol", default=None, help="protocol id or YAML path (default: the task's default)")
     r.add_argument("--split", default=None, help="split to evaluate (default: val, test for nyu)")
-    r.add_argument("--weights", default=None, metavar="FILE", help="weights file instead of the local caches")
+    _model_options(r)
     r.add_argument("--method-weights", default=None, metavar="FILE|PART=FILE,...",
                    help="weights of the method (a TTR neuron file, a denoiser, a student); for a composition "
                         "with several weighted parts PART=FILE,PART=FILE")
-    r.add_argument("--random-init", action="store_true", help="same architecture, random weights (tests, demo)")
-    r.add_argument("--download", action="store_true", help="allow fetching missing weights (needs network)")
     r.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="method parameter (PART.NAME=VALUE picks the part of a composition)")
-    r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     r.add_argument("--batch-size", type=int, default=0, help="windows per backbone batch (0 = auto)")
     r.add_argument("--workers", type=int, default=2, help="data-loading worker processes")
     r.add_argument("--limit", type=int, default=None, help="first N images only (smoke runs; recorded)")
@@ -129,10 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     fn.add_argument("--num-images", type=int, default=100, help="images used (the authors' notebook: 100)")
     fn.add_argument("--resolution", type=int, default=224, help="resize + centre crop size (the authors': 224)")
     fn.add_argument("--batch-size", type=int, default=8)
-    fn.add_argument("--weights", default=None, metavar="FILE", help="weights file instead of the local caches")
-    fn.add_argument("--random-init", action="store_true", help="same architecture, random weights (tests)")
-    fn.add_argument("--download", action="store_true", help="allow fetching missing weights (needs network)")
-    fn.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    _model_options(fn)
 
     ds = sub.add_parser("distill", help="train a cleaner's weights (PH-Reg student, DVT denoiser) on an image folder",
                         description="Distil a cleaner for a backbone from unlabelled images; the output loads with "
@@ -149,10 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--stage", default=None, help="dvt: 1 (per-image neural fields), 2 (denoiser) or all")
     ds.add_argument("--checkpoint-every", type=int, default=100, help="steps between resumable checkpoints")
     ds.add_argument("--seed", type=int, default=0)
-    ds.add_argument("--weights", default=None, metavar="FILE", help="backbone weights file instead of the caches")
-    ds.add_argument("--random-init", action="store_true", help="same architecture, random weights (tests)")
-    ds.add_argument("--download", action="store_true", help="allow fetching missing weights (needs network)")
-    ds.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    _model_options(ds)
     ds.add_argument("--workers", type=int, default=2, help="data-loading worker processes")
     ds.add_argument("--no-progress", action="store_true")
 
