@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Run every combination listed in a suite file (see configs/).")
     su.add_argument("file")
     su.add_argument("--data-dir", required=True, help="folder the suite's dataset roots are relative to")
+    su.add_argument("--weights-dir", default=".", help="folder the suite's method_weights files are relative to")
     for flag in ("--random-init", "--force", "--no-progress", "--download"):
         su.add_argument(flag, action="store_true")
     su.add_argument("--limit", type=int, default=None)
@@ -213,7 +214,8 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 
 def cmd_suite(a: argparse.Namespace) -> int:
-    """Expand a suite YAML (task, protocol, backbones, methods, datasets: {name: root}) into runs."""
+    """Expand a suite YAML (task, protocol, backbones, methods, datasets: {name: root}, and optionally
+    method_weights: {backbone: {part: file}}) into runs; one pass per backbone and dataset list."""
     import yaml
 
     from .errors import ConfigError
@@ -226,7 +228,7 @@ def cmd_suite(a: argparse.Namespace) -> int:
     need = ("task", "backbones", "methods", "datasets")
     if not isinstance(suite, dict) or any(k not in suite for k in need):
         raise ConfigError(f"suite file {a.file} must define {', '.join(need)} (see configs/)")
-    unknown = set(suite) - {*need, "protocol"}
+    unknown = set(suite) - {*need, "protocol", "method_weights"}
     if unknown:
         raise ConfigError(f"suite file {a.file}: unknown key(s) {', '.join(sorted(unknown))}")
     datasets = dict(suite["datasets"])
@@ -238,6 +240,12 @@ def cmd_suite(a: argparse.Namespace) -> int:
                 "--results-dir", a.results_dir]
         if suite.get("protocol"):
             args += ["--protocol", str(suite["protocol"])]
+        files = (suite.get("method_weights") or {}).get(backbone) or {}
+        if not isinstance(files, dict):
+            raise ConfigError(f"suite file {a.file}: method_weights.{backbone} must map method parts to files")
+        if files:  # relative to --weights-dir
+            args += ["--method-weights", ",".join(f"{part}={os.path.join(a.weights_dir, str(path))}"
+                                                  for part, path in files.items())]
         if a.limit:
             args += ["--limit", str(a.limit)]
         if a.cache_dir:
