@@ -36,11 +36,18 @@ RANDOM_TITLE = "random-init weights: numbers are not meaningful"
 # -- method-name matching --------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def canonical_method(name: str) -> str:
-    """Registry-canonical form of a (possibly compound, ``+``-joined) method name, e.g. ``clip+dvt`` ->
-    ``vanilla+dvt``, so published rows written with an alias still match our records. Parts the method
-    registry does not know (``dvt``, ``phreg``, ``pamr``) are kept as they are."""
+    """The name our records give a (possibly ``+``-composed) method, so that published rows written with an
+    alias or another part order match them: ``clip+dvt`` -> ``dvt`` (vanilla is the identity), ``tta+naclip``
+    -> ``naclip+tta``. Names with parts the method registry does not know (``dvt-distilled``) keep those
+    parts as they are."""
     from ..registry import METHODS, RegistryError
 
+    try:
+        from ..models import canonical_method as composed
+
+        return composed(name)
+    except (RegistryError, ImportError, HarnessError):
+        pass
     parts = []
     for part in name.split("+"):
         try:
