@@ -22,7 +22,8 @@ The recipe (reference notes phreg-dvt.md §1.2-§1.7; github.com/0raiser0/PH-Reg
   ``lr0``, every later step at the value set after the previous one (``distill_main.py``). DINOv2: lr0 1e-4,
   lr_end 5e-6, batch 8 (``distill_main.py`` defaults = paper Table S.3); CLIP: lr0 3e-4, lr_end 1e-5,
   batch 16 (paper Table S.2); 100 epochs for both. bf16 autocast on CUDA only (``Accelerator(mixed_precision=
-  "bf16")``); the weights stay fp32.
+  "bf16")``); the weights stay fp32. A batch whose loss is not finite is skipped without an update, as
+  ``distill_main.py`` does; ``OUT.json`` lists such steps.
 * **Data**: bicubic resize of the short side to the resolution (448 CLIP, 518 DINOv2: paper B.3), a random
   square crop along the long side (``RandomSquareCropPreservingShortEdge``), normalised with the backbone's
   mean/std. Crops are seeded by (``--seed``, step, position); batches are a seeded permutation per epoch
@@ -241,6 +242,7 @@ def run(args: argparse.Namespace) -> int:
     data = _Crops(paths, res, backbone.spec.mean, backbone.spec.std)
     stream: Dict[str, Iterator[torch.Tensor]] = {}
     snapshots: List[str] = []
+    skipped: List[int] = []
 
     def step_fn(step: int) -> Dict[str, float]:
         if "it" not in stream:  # created at the first step this process runs (after a resume: that step)
@@ -255,11 +257,12 @@ def run(args: argparse.Namespace) -> int:
             target = teacher_targets(teacher, tta, images, [_seed(seed, step, k, 1) for k in range(len(images))])
             feats = model.forward_dense(images).patch
         loss, cos_loss, mse = distill_loss(target, feats)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"distill phreg: loss is {float(loss)} at step {step}")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if torch.isfinite(loss):
+            loss.backward()
+            optimizer.step()
+        else:  # distill_main.py skips a batch whose features or loss are NaN/Inf ("Skipping batch")
+            skipped.append(step)
         done = step + 1
         if args.steps is None and done % per_epoch == 0 and done < total:
             epoch = done // per_epoch
@@ -274,12 +277,14 @@ def run(args: argparse.Namespace) -> int:
     summary = {**settings, "out": os.path.abspath(args.out), "resumed_from_step": loop.resumed_from,
                "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
                "seconds_this_process": round(time.time() - t0, 1), "device": device_description(device),
-               "snapshots": snapshots, **artifacts,
+               "snapshots": snapshots, "skipped_steps_this_process": skipped, **artifacts,
                "source": "harness distill phreg (Chen et al., Vision Transformers with Self-Distilled Registers, "
                          "NeurIPS 2025, arXiv:2505.21501)"}
     with open(args.out + ".json", "w") as f:
         json.dump(summary, f, indent=1)
     print(f"distilled {backbone.spec.id} for {total} steps ({epochs} epochs of {per_epoch}); loss "
           f"{summary['first_loss']:.4f} -> {summary['final_loss']:.4f}")
+    if skipped:
+        print(f"warning: {len(skipped)} step(s) had a non-finite loss and were skipped (first: step {skipped[0]})")
     print(f"wrote {args.out}  (use: --backbone {backbone.spec.id} --method phreg --method-weights {args.out})")
     return 0
