@@ -360,18 +360,26 @@ def test_bad_files_give_one_clear_error(planted, tiny_dino, tmp_path) -> None:
         attach_method(reg4, "phreg", method_weights=good)
 
 
-def test_cli_bad_method_weights_is_one_line_and_exit_2(tmp_path, capsys) -> None:
+@pytest.mark.parametrize("kind", ["garbage", "truncated", "foreign"])
+def test_cli_bad_method_weights_is_one_line_and_exit_2(planted, tmp_path, capsys, kind) -> None:
     from harness.synthetic.segmentation import write_synthetic_dataset
 
     root = write_synthetic_dataset("voc21", str(tmp_path / "data"), num_images=1, size=(32, 32))
     bad = tmp_path / "bad.pth"
-    bad.write_bytes(b"not a checkpoint at all")
+    if kind == "garbage":
+        bad.write_bytes(b"not a checkpoint at all")
+    elif kind == "truncated":
+        save(clip_student_state(planted, LAYOUT_VIT, grid=6), bad)
+        bad.write_bytes(bad.read_bytes()[:3000])
+    else:
+        save({"features.0.weight": torch.zeros(8, 3, 3, 3), "classifier.bias": torch.zeros(10)}, bad)
     rc = main(["run", "ovss", "--backbone", "test-planted-clip", "--random-init", "--dataset", "voc21",
                "--data-root", root, "--method", "phreg", "--method-weights", str(bad),
                "--results-dir", str(tmp_path / "r"), "--device", "cpu", "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1, err
-    assert err.startswith("harness: error:") and "bad.pth" in err and "not a readable PyTorch checkpoint" in err
+    assert err.startswith("harness: error: --method-weights") and "bad.pth" in err
+    assert ("missing keys" in err) if kind == "foreign" else ("not a readable PyTorch checkpoint" in err)
 
 
 @pytest.mark.slow
