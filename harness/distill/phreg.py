@@ -205,6 +205,8 @@ def _snapshot_path(out: str, epoch: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """``harness distill phreg --backbone ID --images DIR --out FILE``: train, write the student, return 0."""
+    if getattr(args, "stage", None) is not None:
+        raise ConfigError(f"--stage {args.stage}: stages are for `harness distill dvt`; PH-Reg has one stage")
     device = select_device(args.device)
     backbone = build_dense_model(args.backbone, "vanilla", weights=args.weights, random_init=args.random_init,
                                  allow_download=args.download).backbone.to(device)

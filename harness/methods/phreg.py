@@ -488,6 +488,9 @@ class DINOv2Student(PHRegStudent):
 class PHReg(Method):
     """PH-Reg student: the file's vision weights, 16 registers, MaskCLIP last block for CLIP (arXiv:2505.21501)."""
 
+    # One part touches three places: the student's weights (backbone), its registers (tokens) and its last block.
+    # TOUCHES is per class and compositions are checked before a backbone is bound, so ``last_block`` is declared
+    # for DINOv2 too, where it runs the plain block: phreg+naclip is refused for both families.
     TOUCHES = ("backbone", "tokens", "last_block")
     WEIGHTS = "required"
     WEIGHTS_HELP = ("a PH-Reg student file: the authors' released CLIP student (Google Drive, see "

@@ -262,5 +262,7 @@ def test_clear_errors(images, tmp_path) -> None:
         distill.run(args_for(images, str(tmp_path / "a.pth"), "--steps", "1", "--resolution", "100"))
     with pytest.raises(DataError, match="no image files"):
         distill.run(args_for(str(tmp_path), str(tmp_path / "b.pth"), "--steps", "1"))
+    with pytest.raises(ConfigError, match="--stage 1: stages are for"):
+        distill.run(args_for(images, str(tmp_path / "d.pth"), "--steps", "1", "--stage", "1"))
     with pytest.raises(ConfigError, match="no registers of its own"):
         distill.run(args_for(images, str(tmp_path / "c.pth"), "--steps", "1", backbone="test-vit-tiny"))
