@@ -70,6 +70,9 @@ class ProbeRun:
         return self.path[: -len(".json")]
 
     def artifact(self, suffix: str) -> str:
+        """Path of an artifact beside the record; its folder exists (a run shorter than its checkpoint
+        interval writes its first file here)."""
+        os.makedirs(os.path.dirname(self.stem) or ".", exist_ok=True)
         return f"{self.stem}.{suffix}"
 
     @property

@@ -213,3 +213,13 @@ def test_subprocess_interrupted_mid_run_resumes_to_the_same_record(voc, cache_di
     resumed = EVALUATORS.get("linear-seg")().run(config(voc, proto, results, cache_dir))
     assert resumed.settings["resumed_from_iter"] and resumed.settings["resumed_from_iter"] > 0
     assert resumed.metrics == ref.metrics and resumed.settings["heldout"] == ref.settings["heldout"]
+
+
+def test_a_run_shorter_than_its_checkpoint_interval_writes_into_a_fresh_results_folder(voc, cache_dir,
+                                                                                         tmp_path) -> None:
+    """No checkpoint is ever written, so the record's folder must be made by the first artifact (head.pt)."""
+    proto = scaled_protocol_t(tmp_path / "short.yaml", "fast", "fast-short",
+                              **dict(FAST_SMALL, max_iters=4, eval_interval=4, checkpoint_interval=100))
+    rec = EVALUATORS.get("linear-seg")().run(config(voc, proto, str(tmp_path / "fresh" / "results"), cache_dir,
+                                                    limit=6))
+    assert os.path.isfile(rec.settings["artifacts"]["head"])
