@@ -12,7 +12,8 @@ the RSS before the stage is given too) and, on CUDA, ``torch.cuda.max_memory_all
     python benchmarks/distill_throughput.py --device cpu            # prints the table, writes distill_throughput.md
 
 Stage-1 rows also split the time into view extraction (ms per view) and fitting (ms per step), which is what
-the full recipe scales with: 769 views and 25,000 steps per image (phreg-dvt.md §2.2).
+the full recipe scales with: 769 views and 25,000 steps per image (Denoising-ViT @ 82704df,
+main_img_denoising.py: --num_views 768 plus the full image, --num_iters 25000).
 """
 from __future__ import annotations
 

@@ -212,11 +212,12 @@ def render_view(image: torch.Tensor, p: Tuple[int, int, int, int, bool]) -> torc
 @torch.no_grad()
 def view_features(model: DenseModel, image: torch.Tensor, views: Sequence[Tuple[int, int, int, int, bool]],
                   batch: int, device: torch.device) -> torch.Tensor:
-    """(len(views) + 1, h*w, C) final-normed features of the views and, last, of the full image."""
+    """(len(views) + 1, h*w, C) final-normed features of the views and, last, of the full image (views are
+    rendered batch by batch: 769 full-size crops at once would take gigabytes)."""
     out = []
-    crops = [render_view(image, p) for p in views] + [image]
-    for k in range(0, len(crops), batch):
-        x = torch.stack(crops[k:k + batch]).to(device)
+    todo: List[Optional[Tuple[int, int, int, int, bool]]] = [*views, None]  # None: the full image
+    for k in range(0, len(todo), batch):
+        x = torch.stack([image if p is None else render_view(image, p) for p in todo[k:k + batch]]).to(device)
         f = final_normed_patches(model, x)
         out.append(f.reshape(f.shape[0], -1, f.shape[-1]).float())
     return torch.cat(out)
@@ -450,21 +451,30 @@ def read_stage1(folder: str, backbone: Optional[str] = None) -> Dict[str, Any]:
     return data
 
 
-class PairStore:
-    """Stage-1 (raw, denoised) pairs by image index, as (h, w, C) tensors, kept in memory once read."""
+#: stage-1 pairs kept in memory by stage 2 (beyond this they are re-read from disk: 10k ViT-B/14 images are 84 GB)
+PAIR_CACHE_BYTES = 4 << 30
 
-    def __init__(self, folder: str, n: int) -> None:
-        self.folder, self.n = folder, n
+
+class PairStore:
+    """Stage-1 (raw, denoised) pairs by image index, as (h, w, C) tensors; the first ones read stay in memory."""
+
+    def __init__(self, folder: str, n: int, max_bytes: int = PAIR_CACHE_BYTES) -> None:
+        self.folder, self.n, self.max_bytes, self.bytes = folder, n, max_bytes, 0
         self._cache: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
 
     def get(self, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        if i not in self._cache:
-            path = os.path.join(self.folder, FEATURES_DIR, f"{i:06d}.pt")
-            if not os.path.isfile(path):
-                raise DataError(f"{path}: missing stage-1 features; rerun `harness distill dvt --stage 1`")
-            d = _read_ours(path)
-            self._cache[i] = (d["raw"].permute(1, 2, 0).float(), d["denoised"].permute(1, 2, 0).float())
-        return self._cache[i]
+        if i in self._cache:
+            return self._cache[i]
+        path = os.path.join(self.folder, FEATURES_DIR, f"{i:06d}.pt")
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: missing stage-1 features; rerun `harness distill dvt --stage 1`")
+        d = _read_ours(path)
+        pair = (d["raw"].permute(1, 2, 0).float(), d["denoised"].permute(1, 2, 0).float())
+        size = 2 * pair[0].numel() * 4
+        if self.bytes + size <= self.max_bytes:
+            self._cache[i] = pair
+            self.bytes += size
+        return pair
 
     def batch(self, idx: Sequence[int], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
         pairs = [self.get(i) for i in idx]

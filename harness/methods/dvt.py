@@ -57,13 +57,6 @@ BLOCK_KEYS = ("norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", 
               "mlp.fc2.bias")
 
 
-def default_pos_grid(patch_size: int, resolution: Optional[int] = None) -> int:
-    """The denoiser's positional grid side: DVT's 37 / 32, or ``resolution // patch`` for other training sizes."""
-    if resolution is not None:
-        return int(resolution) // int(patch_size)
-    return POS_GRID.get(int(patch_size), 518 // int(patch_size))
-
-
 def resample_pos_embed(pos: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
     """(1, N, C) square-grid embedding -> (1, h*w, C): bicubic with antialias, ``align_corners=False``.
 

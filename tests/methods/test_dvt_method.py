@@ -205,3 +205,23 @@ def test_weights_are_required(planted, tmp_path) -> None:
         attach_method(planted.backbone, "dvt")
     with pytest.raises(WeightsError, match="no such file"):
         attach_method(planted.backbone, "dvt", method_weights=os.path.join(str(tmp_path), "nope.pth"))
+
+
+@pytest.mark.parametrize("which,match", [
+    ("trunc", "cannot read it as a tensor-only PyTorch checkpoint"),
+    ("distilled", "load a distilled ViT as backbone weights with --weights"),
+    ("width", "width 768"),
+])
+def test_bad_files_via_the_cli_are_one_line_exit_2(tmp_path, capsys, which: str, match: str) -> None:
+    from harness.cli import main
+    from harness.synthetic.segmentation import write_synthetic_dataset
+
+    data = write_synthetic_dataset("voc21", str(tmp_path / "data"), num_images=1, size=(32, 48))
+    path = _bad_files(tmp_path)[which]
+    rc = main(["run", "ovss", "--backbone", "test-planted-clip", "--random-init", "--dataset", "voc21", "--data-root",
+               data, "--results-dir", str(tmp_path / "res"), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu",
+               "--workers", "0", "--no-progress", "--method", "naclip+dvt", "--method-weights", path])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1, err
+    assert lines[0].startswith("harness: error: --method-weights " + path) and match in lines[0], err
