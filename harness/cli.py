@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--num-images", type=int, default=None, help="use only the first N images")
     ds.add_argument("--resolution", type=int, default=None, help="training crop (default: the recipe's)")
     ds.add_argument("--stage", default=None, help="dvt: 1 (per-image neural fields), 2 (denoiser) or all")
+    ds.add_argument("--views", type=int, default=None, help="dvt stage 1: random crops per image (default 768)")
+    ds.add_argument("--stage1-steps", type=int, default=None,
+                    help="dvt stage 1: fitting steps per batch of images (default 25000); --steps is stage 2's")
     ds.add_argument("--checkpoint-every", type=int, default=100, help="steps between resumable checkpoints")
     ds.add_argument("--seed", type=int, default=0)
     _model_options(ds)

@@ -78,15 +78,44 @@ def _create_timm_vit(spec: BackboneSpec) -> nn.Module:
     return model
 
 
+#: DVT's distilled ViTs (HF jjiaweiyang/DVT ``voc_distilled/<timm name>.pth``): ``{"model": state}`` where state is
+#: the ``PretrainedViTWrapper`` state dict, i.e. timm keys under ``model.`` (Denoising-ViT @ 82704df,
+#: main_distillation.py saves ``{"model": model.state_dict()}``; dvt/models/vit_wrapper.py holds the timm ViT as
+#: ``self.model``). evaluate_dense_tasks.py falls back to the ``"denoiser"`` key for the same layout.
+DVT_WRAPPER_PREFIX = "model."
+
+
+def _unwrap_dvt_distilled(state: Dict[str, Any], path: str) -> Dict[str, Any]:
+    """timm keys from a DVT distilled checkpoint (prefix ``model.`` stripped); other layouts unchanged.
+
+    timm's ``load_state_dict`` already took the ``"model"`` entry; a DVT *denoiser* file (``"denoiser"`` with
+    ``denoiser.*`` keys) is a method, not backbone weights, and says so.
+    """
+    if not isinstance(state, dict):
+        raise WeightsError(f"--weights {path}: holds a {type(state).__name__}, not a state dict")
+    inner = state.get("denoiser") if isinstance(state.get("denoiser"), dict) else None
+    if inner is not None:
+        if not (inner and all(str(k).startswith(DVT_WRAPPER_PREFIX) for k in inner)):
+            raise WeightsError(f"--weights {path} is a DVT denoiser (key 'denoiser'), not backbone weights; use "
+                               f"--method dvt --method-weights {path}")
+        state = inner
+    if state and all(str(k).startswith(DVT_WRAPPER_PREFIX) for k in state):
+        return {k[len(DVT_WRAPPER_PREFIX):]: v for k, v in state.items()}
+    return state
+
+
 def _load_timm_weights(model: nn.Module, spec: BackboneSpec, path: str) -> None:
-    """Load a timm-format or original DINOv2 checkpoint (timm's ``checkpoint_filter_fn`` converts the latter)."""
+    """Load a timm-format, original DINOv2 or DVT-distilled checkpoint (timm's ``checkpoint_filter_fn`` converts
+    the original DINOv2 layout; :func:`_unwrap_dvt_distilled` strips DVT's ``model.`` prefix)."""
     from timm.models import load_state_dict
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     try:
-        state = load_state_dict(path, use_ema=False)
+        state = _unwrap_dvt_distilled(load_state_dict(path, use_ema=False, weights_only=True), path)
         state = checkpoint_filter_fn(state, model)
         missing, unexpected = model.load_state_dict(state, strict=False)
+    except WeightsError:
+        raise
     except Exception as e:  # unreadable file, wrong shapes (another architecture), ...
         raise WeightsError(f"--weights {path}: could not load into {spec.arch} for backbone {spec.id!r}: {e}. "
                            f"Pass the timm or original DINOv2 checkpoint of this architecture.") from e
