@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from harness.protocols import get_protocol
+from harness.models import canonical_method
 from harness.registry import BACKBONES, DATASETS, EVALUATORS, METHODS
 
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "*.yaml")))
@@ -17,13 +18,17 @@ CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "
 def test_suite_file_is_runnable(path):
     with open(path) as f:
         suite = yaml.safe_load(f)
-    assert set(suite) <= {"task", "protocol", "backbones", "methods", "datasets"}
+    assert set(suite) <= {"task", "protocol", "backbones", "methods", "datasets", "method_weights"}
     EVALUATORS.get(suite["task"])
     proto = get_protocol(suite["task"], suite.get("protocol"))
     for b in suite["backbones"]:
         BACKBONES.get(b)
+    parts = set()
     for m in suite["methods"]:
-        METHODS.get(m)
+        parts.update(canonical_method(m).split("+"))
+    for backbone, files in (suite.get("method_weights") or {}).items():
+        assert backbone in suite["backbones"], backbone
+        assert set(files) <= parts and all(METHODS.get(p).WEIGHTS for p in files), files
     for d in suite["datasets"]:
         proto.settings(DATASETS.canonical(d))
 
