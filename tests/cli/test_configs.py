@@ -7,8 +7,8 @@ import os
 import pytest
 import yaml
 
-from harness.protocols import get_protocol
 from harness.models import canonical_method
+from harness.protocols import get_protocol
 from harness.registry import BACKBONES, DATASETS, EVALUATORS, METHODS
 
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "*.yaml")))
