@@ -260,6 +260,14 @@ class Backbone(nn.Module):
         return i
 
 
+def check_patch_multiple(images: torch.Tensor, patch: int) -> None:
+    """Raise for an input whose size is not a multiple of the patch size (timm's patch embedding would crop
+    or fail; the probes centre-pad first, as DVT does)."""
+    if images.shape[-2] % patch or images.shape[-1] % patch:
+        raise ValueError(f"input {tuple(images.shape[-2:])} is not a multiple of the patch size {patch}; "
+                         f"pad it first (harness.probes.features.center_pad, as DVT does)")
+
+
 def attention_qkv_heads(weight: torch.Tensor, bias: Optional[torch.Tensor], heads: int
                         ) -> Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """``qkv`` of :class:`BlockParts` for a fused (3D, D) in-projection (open_clip and timm both use one)."""

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import WeightsError
 from ..registry import BACKBONE_FAMILIES, BACKBONES
-from .base import Backbone, BackboneSpec, BlockParts, TokenLayout, Tokens
+from .base import Backbone, BackboneSpec, BlockParts, TokenLayout, Tokens, check_patch_multiple
 from .weights import sha256_file
 
 # timm.data.constants.IMAGENET_DEFAULT_MEAN / _STD: the mean/std of timm's DINOv2 pretrained cfgs
@@ -160,10 +160,7 @@ class TimmViTBackbone(Backbone):
 
     def embed(self, images: torch.Tensor) -> Tokens:
         """Patch embed, interpolated position embedding (timm ``dynamic_img_size``) and prefix tokens."""
-        p = self.spec.patch_size
-        if images.shape[-2] % p or images.shape[-1] % p:
-            raise ValueError(f"input {tuple(images.shape[-2:])} is not a multiple of the patch size {p}; "
-                             f"pad it first (harness.probes.features.center_pad, as DVT does)")
+        check_patch_multiple(images, self.spec.patch_size)
         m = self.model
         x = m.patch_embed(images)  # (B, h, w, D) with dynamic_img_size
         grid = (int(x.shape[1]), int(x.shape[2]))

@@ -67,7 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones.base import Backbone, BlockParts, TokenLayout, Tokens
+from ..backbones.base import Backbone, BlockParts, TokenLayout, Tokens, check_patch_multiple
 from ..backbones.pos_embed import interpolate_patch_pos_embed
 from ..errors import ConfigError, WeightsError
 from ..registry import METHODS
@@ -451,10 +451,7 @@ class DINOv2Student(PHRegStudent):
 
     def embed(self, images: torch.Tensor) -> Tokens:
         """Patch embedding, CLS and positional embedding as Hugging Face's ``Dinov2Embeddings`` computes them."""
-        p = self.spec.patch_size
-        if images.shape[-2] % p or images.shape[-1] % p:
-            raise ValueError(f"input {tuple(images.shape[-2:])} is not a multiple of the patch size {p}; "
-                             f"pad it first (harness.probes.features.center_pad, as DVT does)")
+        check_patch_multiple(images, self.spec.patch_size)
         m = self.model
         x = m.patch_embed(images)  # (B, h, w, D) with dynamic_img_size
         b, h, w, d = x.shape
