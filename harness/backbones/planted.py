@@ -2,7 +2,8 @@
 
 Cleaners (test-time registers, DVT, SCLIP-style last-block methods, ...) are meant to remove the high-norm
 outlier tokens of pretrained ViTs. A random tiny ViT has none, so tests of cleaners could only check that
-nothing crashes. This module hand-wires the mechanism that real ViTs learn (refiners.md section 3: sparse MLP
+nothing crashes. This module hand-wires the mechanism that real ViTs learn
+(Jiang et al., arXiv:2506.08010, "Vision Transformers Don't Need Trained Registers": sparse MLP
 "register neurons" that fire on low-information patches and write high-norm tokens that later layers attend
 to) into an otherwise random open_clip CLIP, so that a test can check that a cleaner finds and removes a
 *known* artifact. Numbers computed with it say nothing about any real model.

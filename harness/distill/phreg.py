@@ -1,7 +1,7 @@
 """``harness distill phreg``: train a PH-Reg student (Chen et al., NeurIPS 2025, arXiv:2505.21501, §3 and
 Appendix B) on a folder of unlabelled images; the output loads with ``--method phreg --method-weights OUT``.
 
-The recipe (reference notes phreg-dvt.md §1.2-§1.7; github.com/0raiser0/PH-Reg @ 5910d50,
+The recipe (arXiv:2505.21501 §3 and Appendix B; github.com/0raiser0/PH-Reg @ 5910d50,
 ``DINOv2_full/distill_main.py``, ``datasets/flickr30k_dataset.py``, ``utils/loss.py``):
 
 * **Teacher** (frozen): the backbone with NACLIP's last block for CLIP (paper B.1; ``set_params(arch, 'naclip',
@@ -14,7 +14,7 @@ The recipe (reference notes phreg-dvt.md §1.2-§1.7; github.com/0raiser0/PH-Reg
   student's positional embedding is interpolated to the training grid once (``StudentCLIP.__init__``).
   Trainable: registers, positional embedding, patch projection and the last two blocks (CLIP,
   ``student_model_initialization``, models/OpenaiMaskCLIP/clip_reg.py @ 1a6f9b8) or the last block (DINOv2,
-  ``distill_main.py``); everything else stays frozen (phreg-dvt.md §1.4).
+  ``distill_main.py``); everything else stays frozen.
 * **Loss** on the patch tokens (CLS and registers dropped), in fp32: ``(1 - mean cos(t, s)) + 1.0 * MSE(t, s)``
   with ``x / (|x| + 1e-8)`` normalisation (``utils/loss.py``; ``--mse_scale 1.0``).
 * **Optimiser**: AdamW (weight decay 1e-2, default betas), one learning rate for every group, decayed per
@@ -31,7 +31,7 @@ The recipe (reference notes phreg-dvt.md §1.2-§1.7; github.com/0raiser0/PH-Reg
 * **Checkpoints**: resumable state every ``--checkpoint-every`` steps (``harness.distill.common.DistillLoop``),
   the loss curve as ``OUT.curves.csv`` / ``.png``, a summary ``OUT.json``. With ``--epochs`` (not ``--steps``)
   student snapshots ``OUT-stem.epochN.ext`` are also written after epoch 1 and every 10th, as the authors save
-  them (their reported DINOv2 numbers use the epoch-30 snapshot of a 100-epoch run, phreg-dvt.md §1.7).
+  them (their reported DINOv2 numbers use the epoch-30 snapshot of a 100-epoch run).
 
 Output: the CLIP student in ``StudentCLIP``'s ``vit.*`` layout, the DINOv2 student in ``RegDINOv2Base``'s
 layout (``harness.methods.phreg``).

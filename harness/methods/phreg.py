@@ -377,7 +377,7 @@ class PHRegStudent(Backbone):
         return self.base.project(x)
 
     def trainable(self) -> Dict[str, nn.Parameter]:
-        """The parameters distillation unlocks (phreg-dvt.md §1.4), by name."""
+        """The parameters distillation unlocks (the authors' distill_main.py / clip_reg.py), by name."""
         raise NotImplementedError
 
     def authors_state_dict(self) -> Dict[str, torch.Tensor]:
