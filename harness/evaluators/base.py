@@ -116,8 +116,7 @@ def options_per_method(methods: Sequence[str], params: Dict[str, Any], method_we
         mine: Dict[str, Any] = {}
         for key, value in params.items():
             part, _, name = key.rpartition(".")
-            owners = [part] if part else [p for p in parts if name in METHODS.get(p).PARAMS]
-            if any(o in parts for o in ([METHODS.canonical(part)] if part else owners)):
+            if METHODS.canonical(part) in parts if part else any(name in METHODS.get(p).PARAMS for p in parts):
                 mine[key] = value
                 used.add(key)
         weighted = [p for p in parts if METHODS.get(p).WEIGHTS]

@@ -131,3 +131,15 @@ def test_bad_method_input_is_one_line_exit_2(setup, capsys, extra, match) -> Non
     assert len(lines) == 1 and lines[0].startswith("harness: error:") and match in lines[0], err
     if "--method-weights" in extra and "=" not in extra[-1]:
         assert extra[-1] in lines[0]  # the message names the file
+
+
+def test_pass_options_go_to_the_methods_that_take_them() -> None:
+    from harness.errors import ConfigError
+    from harness.evaluators.base import options_per_method
+
+    opts = options_per_method(["naclip", "naclip+tta", "ttr"], {"tta.views": 2, "sigma": 3.0}, "n.json")
+    assert opts == [({"sigma": 3.0}, None), ({"tta.views": 2, "sigma": 3.0}, None), ({}, "n.json")]
+    with pytest.raises(ConfigError, match="views: no method of naclip, sclip takes it"):
+        options_per_method(["naclip", "sclip"], {"views": 2}, None)
+    with pytest.raises(ConfigError, match="--method-weights n.json: no method of naclip, tta takes it"):
+        options_per_method(["naclip", "tta"], {}, "n.json")
