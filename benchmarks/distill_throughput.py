@@ -71,7 +71,7 @@ def child(spec: Dict[str, Any]) -> Dict[str, Any]:
     import torch
 
     from harness.distill import dvt
-    from harness.distill.common import image_files
+    from harness.image_folder import list_images
     from harness.runtime import select_device
 
     device = select_device(spec["device"])
@@ -98,7 +98,7 @@ def child(spec: Dict[str, Any]) -> Dict[str, Any]:
         dvt.view_features = timed
 
         def work() -> Any:
-            return dvt.stage1(model, image_files(images), dvt.stage1_dir(out), s1, device, show_progress=False,
+            return dvt.stage1(model, list_images(images), dvt.stage1_dir(out), s1, device, show_progress=False,
                               checkpoint_every=10 ** 9)
         n_img = spec["images"]
     elif spec["row"] == "dvt2":

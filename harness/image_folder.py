@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +23,23 @@ def list_images(folder: str, limit: Optional[int] = None) -> List[str]:
     return paths[:limit] if limit else paths
 
 
+def read_image(path: str, view: Callable[[Any], Any], mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Open ``path`` as RGB, apply ``view`` (PIL image -> PIL image: resize, crop), normalise: (3, H, W).
+
+    Every trainer and search that reads an unlabelled folder goes through here, so an unreadable file is
+    always the same one-line :class:`DataError` naming it.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(view(im.convert("RGB")), dtype=np.float32) / 255.0
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the image ({e})") from e
+    t = torch.from_numpy(arr.copy()).permute(2, 0, 1)
+    return (t - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
 def load_image(path: str, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """Resize the short side to ``size`` (bicubic), centre-crop ``size`` x ``size``, normalise: (3, size, size).
 
@@ -31,16 +48,12 @@ def load_image(path: str, size: int, mean: Sequence[float], std: Sequence[float]
     """
     from PIL import Image
 
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            s = size / min(w, h)
-            im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-            w, h = im.size
-            left, top = (w - size) // 2, (h - size) // 2
-            arr = np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0
-    except OSError as e:
-        raise DataError(f"{path}: cannot read the image ({e})") from e
-    t = torch.from_numpy(arr).permute(2, 0, 1)
-    return (t - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    def view(im: Any) -> Any:
+        w, h = im.size
+        s = size / min(w, h)
+        im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+        w, h = im.size
+        left, top = (w - size) // 2, (h - size) // 2
+        return im.crop((left, top, left + size, top + size))
+
+    return read_image(path, view, mean, std)

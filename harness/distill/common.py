@@ -28,22 +28,13 @@ import numpy as np
 import torch
 
 from ..errors import DataError, WeightsError
-from ..image_folder import list_images
 from ..probes.curves import Curves
+from ..probes.trainer import SimulatedKill  # the one kill test hook of every trainer (re-exported)
 from ..runtime import progress
-
-
-class SimulatedKill(BaseException):
-    """Raised by the ``kill_after`` test hook: leaves the run as a SIGKILL would (no final save)."""
 
 
 def fingerprint(fields: Dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def image_files(folder: str, limit: Optional[int] = None) -> List[str]:
-    """The training images (sorted, recursive); a clear error when the folder has none."""
-    return list_images(folder, limit)
 
 
 def files_fingerprint(paths: Sequence[str]) -> str:

@@ -50,9 +50,10 @@ from torch import nn
 
 from ..backbones.base import BackboneSpec
 from ..errors import ConfigError, DataError, WeightsError
+from ..image_folder import list_images, read_image
 from ..methods.base import DenseModel
 from ..methods.dvt import DenoiserNet, default_heads
-from .common import DistillLoop, atomic_save, cycle_batches, files_fingerprint, fingerprint, image_files
+from .common import DistillLoop, atomic_save, cycle_batches, files_fingerprint, fingerprint
 
 # -- stage 1 recipe: Denoising-ViT @ 82704df, main_img_denoising.py get_args() unless noted -----------------
 S1_VIEWS = 768  # --num_views
@@ -138,13 +139,7 @@ def load_square(path: str, size: int, spec: BackboneSpec) -> torch.Tensor:
     ``transforms.Resize((H, W))`` does in both stages (the aspect ratio is not kept)."""
     from PIL import Image
 
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
-    except OSError as e:
-        raise DataError(f"{path}: cannot read the image ({e})") from e
-    t = torch.from_numpy(arr.copy()).permute(2, 0, 1)
-    return (t - torch.tensor(spec.mean).view(3, 1, 1)) / torch.tensor(spec.std).view(3, 1, 1)
+    return read_image(path, lambda im: im.resize((size, size), Image.BICUBIC), spec.mean, spec.std)
 
 
 @torch.no_grad()
@@ -583,7 +578,7 @@ def run(args: argparse.Namespace) -> int:
     kill_after = getattr(args, "kill_after", None)  # test hook
     spec = BACKBONES.get(args.backbone)
     if stage in ("1", "all"):
-        paths = image_files(args.images, args.num_images)
+        paths = list_images(args.images, args.num_images)
         s1, _ = _settings(args, spec, len(paths))
         model = build_dense_model(args.backbone, "vanilla", weights=args.weights, random_init=args.random_init,
                                   allow_download=args.download).to(device)

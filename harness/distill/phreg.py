@@ -50,13 +50,14 @@ import torch
 from torch import nn
 
 from ..backbones.base import Backbone
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
+from ..image_folder import list_images, read_image
 from ..methods.base import DenseModel
 from ..methods.phreg import NUM_REGISTERS, PHReg, PHRegStudent, student_family
 from ..methods.tta import TTADenoiser
 from ..models import attach_method, build_dense_model
 from ..runtime import device_description, select_device
-from .common import DistillLoop, atomic_save, cycle_batches, files_fingerprint, fingerprint, image_files
+from .common import DistillLoop, atomic_save, cycle_batches, files_fingerprint, fingerprint
 
 #: per backbone family: teacher method, training resolution, batch, lr0, lr_end (module docstring)
 RECIPES: Dict[str, Dict[str, Any]] = {
@@ -82,23 +83,19 @@ def load_square_crop(path: str, size: int, seed: int, mean: Sequence[float], std
     the long side (``RandomSquareCropPreservingShortEdge``), normalised: (3, size, size)."""
     from PIL import Image
 
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            if w <= h:  # torchvision: the long side is int(size * long / short)
-                nw, nh = size, int(size * h / w)
-            else:
-                nw, nh = int(size * w / h), size
-            im = im.resize((nw, nh), Image.BICUBIC)
-            rng = np.random.default_rng(seed)
-            left = int(rng.integers(0, nw - size + 1)) if nw > size else 0
-            top = int(rng.integers(0, nh - size + 1)) if nh > size else 0
-            arr = np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0
-    except OSError as e:
-        raise DataError(f"{path}: cannot read the image ({e})") from e
-    t = torch.from_numpy(arr).permute(2, 0, 1)
-    return (t - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    def view(im: Any) -> Any:
+        w, h = im.size
+        if w <= h:  # torchvision: the long side is int(size * long / short)
+            nw, nh = size, int(size * h / w)
+        else:
+            nw, nh = int(size * w / h), size
+        im = im.resize((nw, nh), Image.BICUBIC)
+        rng = np.random.default_rng(seed)
+        left = int(rng.integers(0, nw - size + 1)) if nw > size else 0
+        top = int(rng.integers(0, nh - size + 1)) if nh > size else 0
+        return im.crop((left, top, left + size, top + size))
+
+    return read_image(path, view, mean, std)
 
 
 class _Crops(torch.utils.data.Dataset):
@@ -219,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
     batch = int(args.batch_size or recipe["batch_size"])
     if batch < 1:
         raise ConfigError(f"--batch-size must be >= 1 (got {batch})")
-    paths = image_files(args.images, args.num_images)
+    paths = list_images(args.images, args.num_images)
     total, per_epoch, epochs = plan_steps(len(paths), batch, args.steps, args.epochs)
     seed = int(args.seed)
 
