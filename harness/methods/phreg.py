@@ -385,14 +385,21 @@ class PHRegStudent(Backbone):
         raise NotImplementedError
 
 
+def _loaded_copy(tower: nn.Module, pos_name: str, state: Mapping[str, torch.Tensor]) -> nn.Module:
+    """A copy of ``tower`` holding the student's weights; its positional embedding takes the student's shape
+    first (stored on the training grid, not the backbone's)."""
+    tower = copy.deepcopy(tower)
+    setattr(tower, pos_name, nn.Parameter(state[pos_name].clone()))
+    tower.load_state_dict(state, strict=True)
+    return tower
+
+
 class CLIPStudent(PHRegStudent):
     """PH-Reg CLIP student on an open_clip tower: ``[CLS, patches, reg]``, MaskCLIP value path last."""
 
     @classmethod
     def build(cls, backbone: Backbone, w: StudentWeights, pos_interpolation: str) -> "CLIPStudent":
-        visual = copy.deepcopy(backbone.visual)
-        visual.positional_embedding = nn.Parameter(w.vision["positional_embedding"].clone())
-        visual.load_state_dict(w.vision, strict=True)
+        visual = _loaded_copy(backbone.visual, "positional_embedding", w.vision)
         base = type(backbone)(backbone.spec, _VisionOnly(visual), backbone.weights_id)
         return cls(base, w.registers, pos_interpolation, w.layout)
 
@@ -439,9 +446,7 @@ class DINOv2Student(PHRegStudent):
 
     @classmethod
     def build(cls, backbone: Backbone, w: StudentWeights, pos_interpolation: str) -> "DINOv2Student":
-        model = copy.deepcopy(backbone.model)
-        model.pos_embed = nn.Parameter(w.vision["pos_embed"].clone())
-        model.load_state_dict(w.vision, strict=True)
+        model = _loaded_copy(backbone.model, "pos_embed", w.vision)
         base = type(backbone)(backbone.spec, model, backbone.weights_id)
         return cls(base, w.registers, pos_interpolation, w.layout)
 
