@@ -170,11 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--split", default=None)
     pr = dsub.add_parser("prepare", help="build derived label maps (coco_object, coco_stuff, context, nyu)")
     pr.add_argument("name", choices=("coco_object", "coco_stuff", "context", "nyu"))
-    pr.add_argument("--root", required=True, help="dataset root (coco_stuff164k, VOCdevkit/VOC2010, or output for nyu)")
+    pr.add_argument("--root", "--out", dest="root", required=True,
+                    help="dataset root (coco_stuff164k, VOCdevkit/VOC2010), or the output folder for nyu")
     pr.add_argument("--json", default=None, help="context: trainval_merged.json; coco_object: instances_val2017.json "
                                                  "for the pycocotools fallback")
     pr.add_argument("--mat", default=None, help="nyu: nyu_depth_v2_labeled.mat")
     pr.add_argument("--splits", default=None, help="nyu: splits.mat (official 795/654 split)")
+    pr.add_argument("--bts-root", default=None, help="nyu: the BTS 'sync' folder; its frames become the train split "
+                                                     "(the depth probes' faithful protocol trains on them)")
+    pr.add_argument("--bts-split", default=None, help="nyu: BTS train_test_inputs/nyudepthv2_train_files_with_gt.txt")
+    pr.add_argument("--copy", action="store_true", help="nyu: copy the BTS files instead of symlinking them")
 
     rep = sub.add_parser("report", help="write results/leaderboard.csv and results/LEADERBOARD.md")
     rep.add_argument("--results-dir", default="results")
@@ -317,7 +322,8 @@ def cmd_data(a: argparse.Namespace) -> int:
 
         if not a.mat:
             raise DataError("harness data prepare nyu needs --mat nyu_depth_v2_labeled.mat (see README 'Datasets')")
-        summary = prepare_nyu(a.mat, root, a.splits)
+        summary = prepare_nyu(a.mat, root, a.splits, bts_root=a.bts_root and os.path.expanduser(a.bts_root),
+                              bts_split=a.bts_split and os.path.expanduser(a.bts_split), copy=a.copy)
     for k, v in summary.items():
         print(f"{k}: {v}")
     return 0
