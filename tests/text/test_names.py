@@ -19,7 +19,7 @@ from harness.text.names import (
     name_file_path,
 )
 
-# class counts per dataset (shared/reference/ovss.md §2.2, "#eval classes")
+# class counts per dataset (mmseg dataset classes as configured in wangf3014/SCLIP@b56bd30 configs/cfg_*.py)
 SCLIP_COUNTS = {"voc21": 21, "voc20": 20, "context60": 60, "context59": 59, "coco_object": 81, "coco_stuff": 171,
                 "cityscapes": 19, "ade20k": 150}
 
