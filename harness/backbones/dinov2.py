@@ -1,13 +1,14 @@
 """DINOv2 (and DINOv2 with registers) through timm: the ``timm`` backbone family.
 
 Why timm: DVT loads every backbone it probes as a timm model built with ``dynamic_img_size=True``
-(phreg-dvt.md §2.4, §2.5), and DVT's released denoisers are keyed by timm names, so the same
-weights and the same positional-embedding interpolation (timm ``resample_abs_pos_embed``) are used
-here. Token order in timm is ``[CLS, reg1..regR, patches]`` (phreg-dvt.md §5.2: ``num_prefix_tokens=5``
-for the reg4 models), which :meth:`TokenLayout.standard` describes.
+(Jiawei-Yang/Denoising-ViT@82704df ``dvt/models/vit_wrapper.py``), and DVT's released denoisers are keyed
+by timm names, so the same weights and the same positional-embedding interpolation (timm
+``resample_abs_pos_embed``) are used here. Token order in timm is ``[CLS, reg1..regR, patches]`` (timm
+``VisionTransformer.num_prefix_tokens=5`` for the reg4 models), which :meth:`TokenLayout.standard` describes.
 
 The dense interface returns the *final-norm* tokens (timm ``norm``), as DVT and DINOv2 probe them
-(``forward_intermediates(norm=True)`` / ``get_intermediate_layers(norm=True)``, probes.md §1.1).
+(``forward_intermediates(norm=True)`` / ``get_intermediate_layers(norm=True)``, facebookresearch/dinov2@b8931f7b
+``dinov2/models/vision_transformer.py``).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from .weights import sha256_file
 
 # timm.data.constants.IMAGENET_DEFAULT_MEAN / _STD: the mean/std of timm's DINOv2 pretrained cfgs
 # (``vit_*_patch14_dinov2.lvd142m``) and of the DVT/DINOv2 mmseg configs ([123.675, 116.28, 103.53] /
-# [58.395, 57.12, 57.375] on the 0-255 scale, phreg-dvt.md §5.3).
+# [58.395, 57.12, 57.375] on the 0-255 scale, Jiawei-Yang/Denoising-ViT@82704df evaluation/configs/*_linear_config.py).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -42,7 +43,8 @@ def timm_spec(id: str, arch: str, tag: str, patch: int, native: int, registers: 
                         hf_hub=f"timm/{arch}.{tag}" if tag else "", description=description, paper=paper)
 
 
-# timm names: phreg-dvt.md §2.5 (DVT MODEL_LIST); 518 px native input = timm pretrained cfg input_size.
+# timm names: DVT's MODEL_LIST (Jiawei-Yang/Denoising-ViT@82704df dvt/models/vit_wrapper.py);
+# 518 px native input = timm pretrained cfg input_size.
 _DINOV2_PAPER = "Oquab et al., DINOv2 (2023)"
 _REG_PAPER = "Darcet et al., Vision Transformers Need Registers (ICLR 2024)"
 for _spec in (

@@ -2,7 +2,7 @@
 
 Why a module of its own: the layouts copy the papers' tables and change when a paper is added, while the
 rendering (:mod:`harness.results.report`) and the record selection (:mod:`harness.results.selection`)
-do not. Layouts follow PH-Reg (shared/seeds/002_d643db7010c8da7c.txt): OVSS like Table 1 (8 datasets +
+do not. Layouts follow PH-Reg (Chen et al., NeurIPS 2025, arXiv:2505.21501): OVSS like Table 1 (8 datasets +
 Avg, Pearson like Table S.4 with its 7 datasets), linear probes like Table 2 (VOC/ADE mIoU+mAcc; NYUd
 RMSE/AbsRel/δ1).
 """

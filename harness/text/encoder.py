@@ -1,7 +1,7 @@
 """Class-name embeddings for zero-shot segmentation, cached on disk.
 
 Per *name* (not per class): render every template, encode, L2-normalise each prompt embedding,
-average, L2-normalise again (SCLIP ``clip_segmentor.py``; ovss.md §1.3). A class with several names
+average, L2-normalise again (wangf3014/SCLIP@b56bd30 ``clip_segmentor.py``). A class with several names
 contributes several queries; post-processing takes the softmax over all queries, then the max over
 each class's queries.
 

@@ -11,7 +11,9 @@ from harness.errors import ConfigError
 from harness.results.published import COLUMNS, DEFAULT_PUBLISHED_DIR, load_published
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SEED = "/work/shared/seeds/002_d643db7010c8da7c.txt"  # PH-Reg paper text (outside the repo; skipped if absent)
+#: plain text of the PH-Reg paper (arXiv:2505.21501, e.g. extracted from its PDF), not shipped with the repository:
+#: point HARNESS_PHREG_TEXT at it to check the PH-Reg rows against the printed tables; skipped otherwise
+SEED = os.environ.get("HARNESS_PHREG_TEXT", "")
 DATASETS = {"voc21", "voc20", "context60", "context59", "coco_object", "coco_stuff164k", "cityscapes", "ade20k",
             "nyu", "avg"}
 METRICS = {"mIoU", "mAcc", "aAcc", "pearson", "rmse", "abs_rel", "delta1"}
@@ -61,7 +63,7 @@ def test_method_names_are_registry_names_or_documented_compounds() -> None:
         assert set(rest) <= CLEANERS, method
 
 
-@pytest.mark.skipif(not os.path.isfile(SEED), reason="PH-Reg paper text not available")
+@pytest.mark.skipif(not os.path.isfile(SEED), reason="HARNESS_PHREG_TEXT (PH-Reg paper text) not set")
 def test_phreg_values_match_the_paper_text() -> None:
     with open(SEED) as f:
         lines = f.read().replace("\xa0", " ").splitlines()
