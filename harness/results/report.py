@@ -288,7 +288,7 @@ def _published_tables(task: str, pub: pd.DataFrame) -> List[str]:
 
 
 def _task_order(tasks: Iterable[str]) -> List[str]:
-    known = ["ovss", "linear-seg", "depth"]
+    known = ["ovss", "linear-seg", "depth", "artifacts"]
     return sorted(set(tasks), key=lambda t: (known.index(t) if t in known else len(known), t))
 
 
