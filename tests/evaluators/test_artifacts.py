@@ -287,3 +287,30 @@ def test_pearson_on_voc_equals_a_reference_and_sits_beside_table_s4(tmp_path, on
     assert lines[1].startswith("| naclip |")
     assert lines[2].startswith("| ↳ published: PH-Reg Table S.4 |") and "| 0.011 |" in lines[2]
     assert f"| {rec.metrics['pearson'] - 0.011:+.3f} |" in lines[3]
+
+
+def test_labelled_dataset_without_text_tower_has_no_pearson(tmp_path) -> None:
+    """A vision-only backbone (patch 14: its own input size) on VOC: the label-free numbers, no pearson."""
+    from harness.synthetic.segmentation import write_synthetic_dataset
+
+    root = write_synthetic_dataset("voc21", str(tmp_path / "data"), num_images=2, size=(60, 80), seed=4)
+    proto = small_protocol(tmp_path / "proto.yaml", size_for_patch={14: 56, 16: 64})
+    results = tmp_path / "results"
+    assert main(["run", "artifacts", "--backbone", "test-vit-tiny", "--dataset", "voc21", "--data-root", root,
+                 "--random-init", "--protocol", proto, "--workers", "0", "--device", "cpu", "--results-dir",
+                 str(results), "--no-progress"]) == 0
+    (rec,) = load_records(str(results))
+    assert "pearson" not in rec.metrics and "cos_p99" in rec.metrics and rec.num_images == 2
+    assert rec.settings["input_size"] == 56 and rec.settings["grid"] == [4, 4]
+    assert any("no text tower" in n for n in rec.notes)
+
+
+def test_protocol_without_a_size_for_the_patch_is_refused() -> None:
+    from harness.errors import ConfigError
+    from harness.evaluators.artifacts import input_size
+
+    assert input_size({"size_for_patch": {14: 518, 16: 448}}, 14, "p") == 518
+    with pytest.raises(ConfigError, match="no entry for patch size 8"):
+        input_size({"size_for_patch": {14: 518, 16: 448}}, 8, "p")
+    with pytest.raises(ConfigError, match="not a multiple of the patch size"):
+        input_size({"size_for_patch": {16: 450}}, 16, "p")
