@@ -292,6 +292,11 @@ class ArtifactsEvaluator(Evaluator):
         ovss = get_protocol("ovss", str(res.settings["ovss_protocol"]))
         if ovss.task != "ovss":
             raise ConfigError(f"{res.where}: ovss_protocol {ovss.path} is a {ovss.task!r} protocol, not ovss")
+        pinned = res.settings.get("ovss_protocol_version")
+        if pinned is not None and int(pinned) != ovss.version:
+            raise ConfigError(f"{res.where} pins ovss protocol {ovss.key} at v{pinned}, but {ovss.path} is "
+                              f"v{ovss.version}: bump the artifacts protocol's version and its ovss_protocol_version "
+                              f"together, so that records of the old Pearson settings are not reused")
         st = ovss.settings(res.dataset)
         names = load_name_set(st["name_set"], res.spec.key)
         check_class_count(names, res.spec.num_classes, f"name set {st['name_set']!r} for {res.dataset}")

@@ -314,3 +314,20 @@ def test_protocol_without_a_size_for_the_patch_is_refused() -> None:
         input_size({"size_for_patch": {14: 518, 16: 448}}, 8, "p")
     with pytest.raises(ConfigError, match="not a multiple of the patch size"):
         input_size({"size_for_patch": {16: 450}}, 16, "p")
+
+
+def test_a_changed_ovss_protocol_version_is_refused(tmp_path, one_template, capsys) -> None:
+    """The Pearson settings come from another protocol file; its version is pinned so that a changed file can
+    never be read back under an old record's identity."""
+    from harness.synthetic.segmentation import write_synthetic_dataset
+
+    root = write_synthetic_dataset("voc21", str(tmp_path / "data"), num_images=1, size=(60, 80))
+    ovss = tmp_path / "ovss.yaml"
+    ovss.write_text(yaml.safe_dump({**OVSS_WHOLE, "version": 2}))
+    proto = small_protocol(tmp_path / "proto.yaml", size_for_patch={16: 64}, ovss_protocol=str(ovss))
+    assert yaml.safe_load(open(PROTOCOL))["defaults"]["ovss_protocol_version"] == 1
+    rc = main(["run", "artifacts", "--backbone", PLANTED, "--dataset", "voc21", "--data-root", root, "--random-init",
+               "--protocol", proto, "--workers", "0", "--device", "cpu", "--results-dir", str(tmp_path / "r"),
+               "--no-progress"])
+    assert rc == 2 and not (tmp_path / "r").exists()
+    assert "pins ovss protocol ovss/test-whole at v1" in capsys.readouterr().err
