@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Evaluate; comma-separated --method/--dataset values run each combination "
                                    "(one --data-root per dataset, comma-separated in the same order).")
     r.add_argument("task", choices=TASKS, metavar="TASK",
-                   help="task: an evaluator's name (harness list evaluators: ovss, linear-seg, depth)")
+                   help="task: an evaluator's name (harness list evaluators: ovss, linear-seg, depth, artifacts)")
     r.add_argument("--backbone", required=True, help="backbone id (harness list backbones)")
     r.add_argument("--method", default="vanilla",
                    help="method name(s), comma-separated; compose parts with + (ttr+naclip, naclip+tta); "

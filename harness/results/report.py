@@ -288,7 +288,7 @@ def _published_tables(task: str, pub: pd.DataFrame) -> List[str]:
 
 
 def _task_order(tasks: Iterable[str]) -> List[str]:
-    known = ["ovss", "linear-seg", "depth"]
+    known = ["ovss", "linear-seg", "depth", "artifacts"]
     return sorted(set(tasks), key=lambda t: (known.index(t) if t in known else len(known), t))
 
 
@@ -305,6 +305,8 @@ def render_markdown(records: Sequence[RunRecord], published: pd.DataFrame, resul
         "percentages, Pearson is in [-1, 1], RMSE in metres.",
         "- OVSS Avg is the mean of the 8 datasets (7 for Pearson, as in PH-Reg Table S.4), shown only when all "
         f"are present, else {DASH}.",
+        "- `artifacts`: outlier shares in % of patch tokens, norm CV, cosine to the view-averaged target at "
+        "percentiles of dissimilarity (README, `harness run artifacts`).",
         "- `↳ published` rows: the same method and backbone in a paper or README, under the same protocol id or one "
         "the protocol's YAML lists in `compare_with`; `↳ Δ` = ours − published (see results/README.md).",
         f"- {PARTIAL_MARK} = partial run (`--limit`, or fewer images than the official split): not comparable.",
