@@ -62,14 +62,15 @@ for _spec in (
     BACKBONES.add(_spec.id, _spec)
 
 
-def _create_timm_vit(spec: BackboneSpec) -> nn.Module:
+def _create_timm_vit(spec: BackboneSpec, arch: Optional[str] = None) -> nn.Module:
+    """``spec``'s timm ViT (or timm's ``arch``, for specs named after another library's model), seeded."""
     import timm
 
     kwargs: Dict[str, Any] = dict(pretrained=False, num_classes=0, dynamic_img_size=True, img_size=spec.native_size)
     kwargs.update(TIMM_MODEL_KWARGS.get(spec.id, {}))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
-        model = timm.create_model(spec.arch, **kwargs)
+        model = timm.create_model(arch or spec.arch, **kwargs)
     n_reg = int(getattr(model, "num_reg_tokens", 0) or 0)
     if n_reg != spec.num_registers or getattr(model, "cls_token", None) is None:
         raise WeightsError(f"backbone {spec.id!r}: timm model {spec.arch} has {n_reg} registers and "
@@ -104,14 +105,17 @@ def _unwrap_dvt_distilled(state: Dict[str, Any], path: str) -> Dict[str, Any]:
     return state
 
 
-def _load_timm_weights(model: nn.Module, spec: BackboneSpec, path: str) -> None:
+def _load_timm_weights(model: nn.Module, spec: BackboneSpec, path: str,
+                       state: Optional[Dict[str, Any]] = None) -> None:
     """Load a timm-format, original DINOv2 or DVT-distilled checkpoint (timm's ``checkpoint_filter_fn`` converts
-    the original DINOv2 layout; :func:`_unwrap_dvt_distilled` strips DVT's ``model.`` prefix)."""
+    the original DINOv2 layout; :func:`_unwrap_dvt_distilled` strips DVT's ``model.`` prefix). ``state``: the
+    file's state dict when a caller has already read and unwrapped it."""
     from timm.models import load_state_dict
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     try:
-        state = _unwrap_dvt_distilled(load_state_dict(path, use_ema=False, weights_only=True), path)
+        if state is None:
+            state = _unwrap_dvt_distilled(load_state_dict(path, use_ema=False, weights_only=True), path)
         state = checkpoint_filter_fn(state, model)
         missing, unexpected = model.load_state_dict(state, strict=False)
     except WeightsError:
