@@ -68,6 +68,9 @@ def read_dino_state(path: str) -> Dict[str, torch.Tensor]:
     bad = [k for k, v in out.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise WeightsError(f"--weights {path}: entries {bad[:3]} are not tensors; expected a ViT state dict")
+    if "patch_embed.proj.weight" not in out:  # e.g. a torchvision or open_clip file: another layout
+        raise WeightsError(f"--weights {path}: not a DINO/timm ViT state dict (no patch_embed.proj.weight; keys "
+                           f"like {list(out)[:3]})")
     return out
 
 
@@ -82,7 +85,7 @@ class DinoViTFamily:
         from .dinov2 import TimmViTBackbone, _create_timm_vit, _load_timm_weights
 
         state = None if weights_path is None else read_dino_state(weights_path)  # a bad file fails before the build
-        model = _create_timm_vit(spec)
+        model = _create_timm_vit(spec, meta=state is not None)
         if weights_path is None:
             return TimmViTBackbone(spec, model.eval(), "random-init")
         _load_timm_weights(model, spec, weights_path, state=state)

@@ -113,7 +113,8 @@ class OpenCLIPCheckpointFamily:
         if weights_path is None:
             return OpenCLIPBackbone.build(spec, None)
         state = read_open_clip_state(weights_path)
-        if VISUAL_PREFIX + "conv1.weight" not in state and "conv1.weight" in state:  # a bare vision tower
+        if not any(k.startswith(VISUAL_PREFIX) for k in state) and {"conv1.weight", "class_embedding"} <= set(state):
+            # a bare vision tower (``model.visual.state_dict()``)
             state = {VISUAL_PREFIX + k: v for k, v in state.items()}
         visual = {k[len(VISUAL_PREFIX):]: v for k, v in state.items() if k.startswith(VISUAL_PREFIX)}
         text = {k: v for k, v in state.items() if not k.startswith(VISUAL_PREFIX)}

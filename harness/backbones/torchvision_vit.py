@@ -39,6 +39,8 @@ BACKBONES.add("vit-b16-tv-in1k", BackboneSpec(
     description="supervised ViT-B/16, torchvision IMAGENET1K_V1 (ImageNet-1k)",
     paper="Dosovitskiy et al., An Image is Worth 16x16 Words (ICLR 2021)"))
 
+#: keys every torchvision ``VisionTransformer`` state dict has
+LAYOUT_KEYS = ("conv_proj.weight", "encoder.pos_embedding")
 _LAYER = re.compile(r"^encoder\.layers\.encoder_layer_(\d+)\.(.+)$")
 _BLOCK_PARTS = {"ln_1": "norm1", "ln_2": "norm2", "self_attention.in_proj_weight": "attn.qkv.weight",
                 "self_attention.in_proj_bias": "attn.qkv.bias", "self_attention.out_proj": "attn.proj",
@@ -94,6 +96,9 @@ def read_torchvision_state(path: str) -> Dict[str, torch.Tensor]:
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise WeightsError(f"--weights {path}: entries {bad[:3]} are not tensors; expected a ViT state dict")
+    if not all(k in obj for k in LAYOUT_KEYS):  # e.g. a timm or DINO file: another layout, refused by name
+        raise WeightsError(f"--weights {path}: not a torchvision VisionTransformer state dict (no "
+                           f"{' / '.join(LAYOUT_KEYS)}; keys like {list(obj)[:3]})")
     return obj
 
 
@@ -102,12 +107,15 @@ def load_torchvision_weights(model: torch.nn.Module, spec: BackboneSpec, path: s
     """Load a torchvision-layout checkpoint (``state``: the file's, already read) into the timm model; one clear
     error for any other file."""
     state = torchvision_to_timm(read_torchvision_state(path) if state is None else state)
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}  # float32, as if built normally
+    try:  # a model built on the meta device (no storage) takes the file's tensors as they are
+        missing, unexpected = model.load_state_dict(state, strict=False,
+                                                    assign=any(p.is_meta for p in model.parameters()))
     except RuntimeError as e:  # shape mismatch: another model size
         raise WeightsError(f"--weights {path}: does not fit torchvision {spec.arch} (backbone {spec.id!r}): "
                            f"{str(e).splitlines()[-1].strip()}") from e
     missing = [k for k in missing if not k.startswith("head.")]
+    missing += [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta and n not in missing]
     if missing or unexpected:
         raise WeightsError(f"--weights {path} is not a torchvision {spec.arch} checkpoint (backbone {spec.id!r}): "
                            f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected "
@@ -128,7 +136,7 @@ class TorchvisionViTFamily:
             raise WeightsError(f"backbone {spec.id!r}: no timm twin for torchvision {spec.arch!r}; known: "
                                f"{', '.join(TIMM_ARCH)}")
         state = None if weights_path is None else read_torchvision_state(weights_path)  # fails before the build
-        model = _create_timm_vit(spec, TIMM_ARCH[spec.arch])
+        model = _create_timm_vit(spec, TIMM_ARCH[spec.arch], meta=state is not None)
         if weights_path is None or state is None:
             return TimmViTBackbone(spec, model.eval(), "random-init")
         load_torchvision_weights(model, spec, weights_path, state)
