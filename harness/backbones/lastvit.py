@@ -39,6 +39,9 @@ SUP_URL = f"{RELEASE}/weights2/ViT_190k.pth"
 NOTE = ("LaSt-ViT weights (the authors' release), not the official {what} weights: compare with the plain "
         "{baseline} for the recipe's effect only with that difference in mind")
 
+# mean/std and size: the ImageNet mean/std and 224 px crops of DINO (facebookresearch/dino @ 7c446df main_dino.py
+# DataAugmentationDINO) and of cls_pretrain/conf.py (T.Normalize, RandomResizedCrop(224)); open_clip's default
+# OPENAI_DATASET_MEAN/STD and 224 px for an open_clip ViT-B-16 tower.
 for _spec in (
     BackboneSpec(id="lastvit-b16-dino", family="dino", arch="vit_base_patch16_224", weights_tag="lastvit-dino0080",
                  patch_size=16, mean=IMAGENET_MEAN, std=IMAGENET_STD, native_size=224, url=DINO_URL,
