@@ -223,22 +223,33 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 def cmd_suite(a: argparse.Namespace) -> int:
     """Expand a suite YAML (task, protocol, backbones, methods, datasets: {name: root}, and optionally
-    method_weights: {backbone: {part: file}}) into runs; one pass per backbone and dataset list."""
+    method_weights: {backbone: {part: file}}) into runs; one pass per backbone and dataset list. A file may hold
+    several suites as YAML documents separated by ``---`` (e.g. one per task); all are checked before any runs."""
     import yaml
 
     from .errors import ConfigError
 
     try:
         with open(a.file) as f:
-            suite = yaml.safe_load(f)
+            suites = [s for s in yaml.safe_load_all(f) if s is not None] or [None]
     except OSError as e:
         raise ConfigError(f"cannot read suite file {a.file}: {e}") from e
     need = ("task", "backbones", "methods", "datasets")
-    if not isinstance(suite, dict) or any(k not in suite for k in need):
-        raise ConfigError(f"suite file {a.file} must define {', '.join(need)} (see configs/)")
-    unknown = set(suite) - {*need, "protocol", "method_weights"}
-    if unknown:
-        raise ConfigError(f"suite file {a.file}: unknown key(s) {', '.join(sorted(unknown))}")
+    for suite in suites:
+        if not isinstance(suite, dict) or any(k not in suite for k in need):
+            raise ConfigError(f"suite file {a.file} must define {', '.join(need)} (see configs/)")
+        unknown = set(suite) - {*need, "protocol", "method_weights"}
+        if unknown:
+            raise ConfigError(f"suite file {a.file}: unknown key(s) {', '.join(sorted(unknown))}")
+    for suite in suites:
+        _run_suite(a, suite)
+    return 0
+
+
+def _run_suite(a: argparse.Namespace, suite: dict) -> None:
+    """The runs of one (checked) suite document."""
+    from .errors import ConfigError
+
     datasets = dict(suite["datasets"])
     for backbone in suite["backbones"]:
         args = ["run", str(suite["task"]), "--backbone", backbone, "--method", ",".join(suite["methods"]),
@@ -261,7 +272,6 @@ def cmd_suite(a: argparse.Namespace) -> int:
         args += [f for f, on in (("--random-init", a.random_init), ("--force", a.force),
                                  ("--no-progress", a.no_progress), ("--download", a.download)) if on]
         cmd_run(build_parser().parse_args(args))
-    return 0
 
 
 def cmd_list(a: argparse.Namespace) -> int:
@@ -278,6 +288,7 @@ def cmd_list(a: argparse.Namespace) -> int:
     for name, obj in reg.items():
         if a.kind == "backbones":
             text = f"{obj.arch} / {obj.weights_tag}: {obj.description}"
+            text += f" [note: {obj.note}]" if obj.note else ""
         elif a.kind == "methods":
             touches = ", ".join(obj.TOUCHES) or "nothing"
             weights = f"; --method-weights {obj.WEIGHTS}" if obj.WEIGHTS else ""

@@ -93,6 +93,16 @@ def _weights_label(weights: str) -> str:
     return weights if weights == "random-init" else weights[:8]
 
 
+def _backbone_note(backbone: str) -> str:
+    """The caveat a backbone id carries (``BackboneSpec.note``, e.g. unofficial weights); "" for unknown ids."""
+    from ..registry import BACKBONES, RegistryError
+
+    try:
+        return str(getattr(BACKBONES.get(backbone), "note", "") or "")
+    except (RegistryError, ImportError):
+        return ""
+
+
 def _column_header(col: Column, single_metric: bool) -> str:
     ds, metric = col
     name = DATASET_HEADERS.get(ds, ds)
@@ -211,6 +221,8 @@ def _our_table(layout: Layout, rows: List[_Row], task: str, protocol: str,
             any_partial = any(cells[c][2] for c in layout.avg_cols if c in cells)
             line.append(_fmt(a, avg_metric) + (PARTIAL_MARK if a is not None and any_partial else ""))
         body.append(line)
+        if _backbone_note(row.backbone):
+            footnotes.append(f"`{row.backbone}`: {_backbone_note(row.backbone)}")
         if not with_published:
             continue
         matches: Dict[Tuple[str, str], Mapping[Column, float]] = {}
