@@ -336,8 +336,10 @@ def run(args: argparse.Namespace) -> int:
 
     def step_fn(i: int) -> Dict[str, float]:
         if "it" not in stream:  # created at the first step this process runs (after a resume: that step)
+            # its own generator: the loader's base-seed draw must not shift the global one (LoRA dropout)
             loader = torch.utils.data.DataLoader(data, batch_sampler=cycle_batches(len(paths), batch, seed, i),
-                                                 num_workers=max(0, int(args.workers)), pin_memory=amp)
+                                                 num_workers=max(0, int(args.workers)), pin_memory=amp,
+                                                 generator=torch.Generator().manual_seed(_seed(seed, 7)))
             stream["it"] = iter(loader)
         images = next(stream["it"]).to(device, non_blocking=True)
         gen = torch.Generator().manual_seed(_seed(seed, i))
@@ -355,7 +357,11 @@ def run(args: argparse.Namespace) -> int:
         return {k: float(v.detach()) for k, v in out.items()}
 
     t0 = time.time()
-    loop.run(step_fn)
+    # LoRA dropout draws from the global generator: seed it (a resume restores the checkpoint's state instead),
+    # and leave the caller's generator as it was
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(_seed(seed, 5))
+        loop.run(step_fn)
     student.eval()
     merged = {k: v.detach().float().cpu().clone() for k, v in student.merge_and_unload().state_dict().items()}
     artifacts = loop.finish(merged, f"UniRefiner, {backbone.spec.id}")
