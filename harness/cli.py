@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     fn.add_argument("--batch-size", type=int, default=8)
     _model_options(fn)
 
-    ds = sub.add_parser("distill", help="train a cleaner's weights (PH-Reg student, DVT denoiser) on an image folder",
+    ds = sub.add_parser("distill", help="train a cleaner's weights (PH-Reg student, DVT denoiser, UniRefiner "
+                                        "LoRA) on an image folder",
                         description="Distil a cleaner for a backbone from unlabelled images; the output loads with "
                                     "--method NAME --method-weights FILE.")
     ds.add_argument("cleaner", choices=DISTILLERS, help="what to train")

@@ -45,7 +45,9 @@ def sample_spurious(tokens: torch.Tensor, score: torch.Tensor, count: int, gener
     k = max(int(n * top), 1)
     cut = score.topk(k, dim=1).values[:, -1:]
     weights = (score >= cut).float()
-    ids = torch.multinomial(weights, count, replacement=True, generator=generator)
+    if generator is not None:  # draw where the generator lives (a CPU generator for CUDA tokens)
+        weights = weights.to(generator.device)
+    ids = torch.multinomial(weights, count, replacement=True, generator=generator).to(tokens.device)
     return torch.gather(tokens, 1, ids.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
 
 
