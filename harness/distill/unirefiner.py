@@ -12,8 +12,9 @@ the training size (bicubic, no other augmentation):
    image tokens ``z`` and ring tokens ``g`` (the "contrastive registers"), final ``ln_post`` output, no CLS.
 2. **Crops**: 3 random boxes per image (area 0.25-0.5, aspect 2/3-3/2); the student's crop tokens ``s`` are
    RoI-aligned from its full-image token grid; the crop pixels are RoI-aligned to the full size.
-3. **Teacher** (the frozen backbone): each crop with a strip of the fixed reference image pasted on a random
-   side (0.35 of the grid, even), recording q/k at the AH layers; the plain image ``f``; the reference ``u``.
+3. **Teacher** (the frozen backbone, positional embedding interpolated as transformers' CLIP does): each crop
+   with a strip of the fixed reference image pasted on a random side (0.35 of the grid, even), recording q/k
+   at the AH layers; the plain image ``f``; the reference ``u``.
 4. **Target snapping**: each crop token of the composite is replaced by its nearest full-image teacher token.
 5. **Detectors** (``unirefiner_detectors``): FP-GP inter (vs ``u``) and intra (vs the strip), the adaptive
    register detector, attention hijacking; spurious targets for the ring drawn from the FP-GP top 40%.
@@ -49,7 +50,7 @@ from .. import __version__
 from ..backbones.base import Backbone
 from ..errors import ConfigError
 from ..image_folder import list_images, read_image
-from ..methods.unirefiner import FILLS, check_fill, pad_ring, ring_size, split_ring
+from ..methods.unirefiner import FILLS, RingCLIP, check_fill, pad_ring, ring_size, split_ring
 from ..methods.unirefiner_hf import LORA_ALPHA, LORA_DROPOUT, LORA_R, HFCLIPVision, lora_targets
 from ..models import build_dense_model
 from ..runtime import device_description, select_device
@@ -301,12 +302,14 @@ def run(args: argparse.Namespace) -> int:
     (betas, eps) = VIT_ADAM if "vit" in f"{backbone.spec.arch} {backbone.spec.id}".lower() else OTHER_ADAM
 
     data = _Resized(paths, res, backbone.spec.mean, backbone.spec.std)
-    mask = lazy_channels(backbone, data, seed)
+    # the frozen teacher: the backbone's stages with the positional-embedding rule of the authors' HF tower
+    teacher = RingCLIP(backbone, 0, "zero", 0, "size")
+    mask = lazy_channels(teacher, data, seed)
     reference = crops.reference_tensor(res, backbone.spec.mean, backbone.spec.std, ref_path).to(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_seed(seed, 3))  # LoRA A's initialisation
         student = build_student(backbone)
-    step = Step(backbone, student, reference, mask["masked_channels"], ah, fill, uniformity)
+    step = Step(teacher, student, reference, mask["masked_channels"], ah, fill, uniformity)
     optimizer = torch.optim.AdamW(optimizer_groups(student, WEIGHT_DECAY), lr=lr, betas=betas, eps=eps)
     trainable = {n: p for n, p in student.named_parameters() if p.requires_grad}
     ring = ring_size(res // patch)

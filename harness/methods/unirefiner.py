@@ -7,10 +7,14 @@ stays the backbone's) and pads every input the model gets -- the whole image, or
 ``ring`` patches of filler on every side before the patch embedding, as the authors' trainer does
 (``surround_image_with_registers``, ``unirefiner/method/registers.py``). The filler is set in normalised
 space: ``zero`` (the mean colour), ``uniform`` U(0, 1) or ``normal`` N(0, 1) (their ``zero``/``rand``/
-``randn``). The positional embedding is interpolated to the padded grid. The ring tokens ("contrastive
-registers") run through every block as an ``added:unirefiner`` segment after the patches, so dense outputs
-drop them and last-block methods treat them as any added token (``unirefiner+naclip`` composes); the usual
-CLIP finalize (``ln_post``, then the refined ``proj``) follows. ``--param ring=0`` is the no-ring ablation.
+``randn``). The positional embedding is interpolated to the padded grid with the rule of the authors'
+Hugging Face tower (``CLIPVisionEmbeddings.interpolate_pos_encoding`` in transformers: bicubic to an explicit
+size, ``align_corners=False``, no +0.1 offset); ``--param pos_interpolation=offset`` uses the harness's
+open_clip adapter rule instead, with which ``ring=0`` and unchanged weights reproduce the vanilla backbone
+exactly. The ring tokens ("contrastive registers") run through every block as an ``added:unirefiner``
+segment after the patches, so dense outputs drop them and last-block methods treat them as any added token
+(``unirefiner+naclip`` composes); the usual CLIP finalize (``ln_post``, then the refined ``proj``) follows.
+``--param ring=0`` is the no-ring ablation.
 
 Files (``harness.methods.unirefiner_hf``): the merged Hugging Face layout (the authors' ``model_final.pt``)
 or a per-epoch ``{"state_dict": ...}`` with PEFT keys (LoRA merged on load). No checkpoints are released
@@ -25,10 +29,11 @@ import torch
 from torch import nn
 
 from ..backbones.base import CLS, PATCHES, Backbone, BlockParts, TokenLayout, Tokens
+from ..backbones.pos_embed import interpolate_patch_pos_embed
 from ..errors import ConfigError, WeightsError
 from ..registry import METHODS
 from .base import Method
-from .unirefiner_hf import read_refined_file
+from .unirefiner_hf import interpolate_pos_hf, read_refined_file
 
 TOKEN_KIND = "added:unirefiner"
 #: ring width in patches: ``max(grid // reg_factor, 1)`` with ``reg_factor`` 32 (37 for DINOv2-g) in every recipe
@@ -38,6 +43,14 @@ REG_FACTOR = 32
 #: filler names (ours -> the authors' ``register_type``: zero, rand, randn)
 FILLS = {"zero": "zero", "uniform": "rand", "normal": "randn"}
 AUTHORS_FILLS = {v: k for k, v in FILLS.items()}
+#: positional-embedding interpolation: ``size`` (transformers' CLIP rule, the authors' tower) or ``offset`` (DINO's
+#: +0.1 scale factor, the harness's open_clip adapter)
+POS_RULES = ("size", "offset")
+
+
+def interpolate_pos(rule: str, patch_pos: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """(M*M, D) patch positional embeddings -> (h*w, D) by ``rule`` (unchanged on the stored square grid)."""
+    return interpolate_pos_hf(patch_pos, grid) if rule == "size" else interpolate_patch_pos_embed(patch_pos, grid)
 
 
 def ring_size(grid: int, reg_factor: int = REG_FACTOR) -> int:
@@ -96,12 +109,13 @@ class _VisionOnly(nn.Module):
 class RingCLIP(Backbone):
     """A copy of an open_clip vision adapter with refined weights whose :meth:`embed` adds the filler ring."""
 
-    def __init__(self, base: Backbone, ring: int, fill: str, seed: int) -> None:
+    def __init__(self, base: Backbone, ring: int, fill: str, seed: int, pos_interpolation: str = "size") -> None:
         super().__init__()
         self.base = base
         self.spec = base.spec
         self.weights_id = base.weights_id
         self.ring, self.fill, self.seed = int(ring), fill, int(seed)
+        self.pos_interpolation = pos_interpolation
 
     @property
     def visual(self) -> nn.Module:
@@ -115,14 +129,27 @@ class RingCLIP(Backbone):
     def width(self) -> int:
         return self.base.width
 
+    def embed_plain(self, images: torch.Tensor) -> Tokens:
+        """conv1 patches, CLS and the positional embedding interpolated by ``pos_interpolation`` (before ``ln_pre``)."""
+        if self.pos_interpolation == "offset":
+            return self.base.embed(images)
+        v = self.visual
+        x = v.conv1(images)
+        grid = (int(x.shape[-2]), int(x.shape[-1]))
+        x = x.flatten(2).transpose(1, 2)
+        cls_tok = v.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
+        pos = v.positional_embedding
+        pos = torch.cat([pos[:1], interpolate_pos(self.pos_interpolation, pos[1:], grid)], dim=0)
+        return Tokens(torch.cat([cls_tok, x], dim=1) + pos.to(x.dtype), TokenLayout.standard(grid, has_cls=True))
+
     def embed(self, images: torch.Tensor) -> Tokens:
         """Embedding of the ring-padded input; tokens ``[CLS, patches, ring]`` with the ring as an added segment."""
         if self.ring <= 0:
-            return self.base.embed(images)
+            return self.embed_plain(images)
         gen = None
         if self.fill != "zero":  # a fixed draw per call: the same window always gets the same filler
             gen = torch.Generator(device=images.device).manual_seed(self.seed)
-        tokens = self.base.embed(pad_ring(images, self.spec.patch_size, self.ring, self.fill, gen))
+        tokens = self.embed_plain(pad_ring(images, self.spec.patch_size, self.ring, self.fill, gen))
         lay = tokens.layout
         if [k for k, _ in lay.segments] != [CLS, PATCHES]:
             raise ConfigError(f"method 'unirefiner' expects [CLS, patches] tokens from backbone {self.spec.id!r}, "
@@ -165,7 +192,7 @@ class UniRefiner(Method):
     WEIGHTS_HELP = ("a UniRefiner CLIP vision file in the authors' Hugging Face layout (merged model_final.pt or a "
                     "per-epoch epoch_K.pt with PEFT keys), e.g. from `harness distill unirefiner --backbone ID "
                     "--images DIR --out FILE`; no official checkpoints are released")
-    PARAMS = {"ring": RING, "fill": "zero", "seed": 0}
+    PARAMS = {"ring": RING, "fill": "zero", "seed": 0, "pos_interpolation": "size"}
     CONFIG = {"ring_position": "after_patches", "ring_in_dense_output": False, "pos_embed": "interpolated to the "
               "padded grid"}
 
@@ -179,6 +206,9 @@ class UniRefiner(Method):
             raise ConfigError(f"method 'unirefiner': ring must be an integer >= 0 (got {self.params['ring']!r})")
         self.params["ring"] = ring
         self.params["fill"] = check_fill(self.params["fill"], "method 'unirefiner': fill")
+        if self.params["pos_interpolation"] not in POS_RULES:
+            raise ConfigError(f"method 'unirefiner': pos_interpolation must be one of {', '.join(POS_RULES)} "
+                              f"(got {self.params['pos_interpolation']!r})")
         self._state: Optional[dict] = None
         self.refined: Optional[RingCLIP] = None
 
@@ -202,5 +232,6 @@ class UniRefiner(Method):
             raise WeightsError(f"method 'unirefiner' on backbone {backbone.spec.id!r} has no refined weights bound")
         base = refined_copy(backbone, self._state)
         self._state = None  # the copy holds the tensors now
-        self.refined = RingCLIP(base, self.params["ring"], self.params["fill"], int(self.params["seed"]))
+        self.refined = RingCLIP(base, self.params["ring"], self.params["fill"], int(self.params["seed"]),
+                                str(self.params["pos_interpolation"]))
         return self.refined

@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones.pos_embed import interpolate_patch_pos_embed
 from ..errors import WeightsError
 
 #: LoRA preset ``linear_r-8`` (unirefiner/models/lora/presets/linear_r-8.json @ 38f4e71b): r 8, alpha 16, dropout 0.1
@@ -85,6 +84,20 @@ def hf_to_openclip(hf: Mapping[str, torch.Tensor], depth: int) -> Dict[str, torc
                 [hf[f"{pre}self_attn.{p}.{kind}"] for p in _QKV], dim=0)
     out["proj"] = hf["visual_projection.weight"].t()
     return out
+
+
+def interpolate_pos_hf(patch_pos: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """(M*M, D) -> (h*w, D) as transformers' ``CLIPVisionEmbeddings.interpolate_pos_encoding`` (the authors' tower):
+    bicubic to an explicit ``size``, ``align_corners=False``, no +0.1 offset; unchanged on the stored grid."""
+    n, dim = patch_pos.shape
+    m = int(round(n ** 0.5))
+    if m * m != n:
+        raise ValueError(f"positional embedding has {n} patch positions, not a square grid")
+    if tuple(grid) == (m, m):
+        return patch_pos
+    src = patch_pos.float().reshape(1, m, m, dim).permute(0, 3, 1, 2)
+    out = F.interpolate(src, size=(int(grid[0]), int(grid[1])), mode="bicubic", align_corners=False)
+    return out.permute(0, 2, 3, 1).reshape(-1, dim).to(patch_pos.dtype)
 
 
 # -- reading a file -----------------------------------------------------------------------------------------
@@ -179,8 +192,8 @@ class _Embeddings(nn.Module):
         x = x.flatten(2).transpose(1, 2)
         cls = self.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
         pos = self.position_embedding.weight
-        # the harness adapter's interpolation (OpenCLIPBackbone.embed), so training and evaluation agree
-        pos = torch.cat([pos[:1], interpolate_patch_pos_embed(pos[1:], grid)], dim=0)
+        # transformers' CLIPVisionEmbeddings.interpolate_pos_encoding: bicubic to the grid's size, no offset
+        pos = torch.cat([pos[:1], interpolate_pos_hf(pos[1:], grid)], dim=0)
         return torch.cat([cls, x], dim=1) + pos.to(x.dtype), grid
 
 

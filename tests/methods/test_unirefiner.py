@@ -59,7 +59,7 @@ def test_unperturbed_hf_file_equals_vanilla_without_ring(vanilla, images, tmp_pa
     assert set(hf) == set(openclip_to_hf(vanilla.backbone.visual.state_dict()))
     path = str(tmp_path / "model_final.pt")
     torch.save(hf, path)
-    a, b = vanilla.forward_dense(images), refined(path, ring=0).forward_dense(images)
+    a, b = vanilla.forward_dense(images), refined(path, ring=0, pos_interpolation="offset").forward_dense(images)
     assert torch.equal(a.patch, b.patch) and torch.equal(a.cls, b.cls)
     with_ring = refined(path).forward_dense(images)
     assert with_ring.patch.shape == a.patch.shape  # ring tokens dropped from the dense output
@@ -144,11 +144,13 @@ def test_peft_library_file_loads_like_its_own_merge(vanilla, tmp_path) -> None:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
 
 
-def test_hf_tower_computes_the_open_clip_forward(vanilla, images) -> None:
+def test_hf_tower_computes_the_open_clip_forward(vanilla, images, tmp_path) -> None:
     tower = HFCLIPVision(vanilla.backbone.visual)
     x, grid = tower(images)
-    bb = vanilla.backbone
-    ref = bb.final_norm(vanilla.run_blocks(vanilla.start(images), 0, bb.num_blocks).x)
+    path = str(tmp_path / "f.pt")
+    torch.save(openclip_to_hf(vanilla.backbone.visual.state_dict()), path)
+    model = refined(path, ring=0)  # pos_interpolation=size: the HF tower's rule
+    ref = model.vision.final_norm(model.run_blocks(model.start(images), 0, model.vision.num_blocks).x)
     assert grid == (4, 6)
     torch.testing.assert_close(x, ref, atol=1e-4, rtol=1e-4)
 
@@ -167,7 +169,7 @@ def test_ring_padding_and_layout(vanilla, images, tmp_path) -> None:
     assert torch.equal(a.patch, b.patch)  # a seeded filler: the same window gets the same ring
     # the inner tokens are exactly those of the padded image (the ring only moves to the end of the sequence)
     plain = vanilla.backbone.embed(pad_ring(images, 16, 1, "zero"))
-    ring1 = refined(str(tmp_path / "f.pt")).start(images)
+    ring1 = refined(str(tmp_path / "f.pt"), pos_interpolation="offset").start(images)
     inner = plain.x[:, 1:].reshape(2, 6, 8, -1)[:, 1:5, 1:7].reshape(2, 24, -1)
     expected = vanilla.backbone.pre_norm(torch.cat([plain.x[:, :1], inner], 1))[:, 1:]
     torch.testing.assert_close(ring1.x[:, 1:25], expected)
@@ -203,3 +205,25 @@ def test_foreign_files_give_one_clear_error(vanilla, tmp_path) -> None:
         refined(str(tmp_path / "ok.pt"), fill="grey")
     with pytest.raises(ConfigError, match="ring must be an integer >= 0"):
         refined(str(tmp_path / "ok.pt"), ring=-1)
+
+
+def test_merged_layout_is_the_one_transformers_loads(vanilla, images, tmp_path) -> None:
+    """Independent check of the key names and the positional rule: transformers' own CLIPVisionModelWithProjection
+    loads the file (strictly) and its projected, post-layernormed patch tokens equal our dense output."""
+    transformers = pytest.importorskip("transformers")
+    hf = openclip_to_hf(vanilla.backbone.visual.state_dict())
+    cfg = transformers.CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=4,
+                                        num_attention_heads=2, image_size=224, patch_size=16, hidden_act="gelu",
+                                        projection_dim=32, layer_norm_eps=1e-5)
+    model = transformers.CLIPVisionModelWithProjection(cfg).eval()
+    own = {k: v for k, v in hf.items() if k != "visual_projection.weight"}
+    state = {f"vision_model.{k}": v for k, v in own.items()}
+    state["visual_projection.weight"] = hf["visual_projection.weight"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.endswith("position_ids") for k in missing)
+    with torch.no_grad():
+        out = model.vision_model(pixel_values=images, interpolate_pos_encoding=True).last_hidden_state
+        feats = model.visual_projection(model.vision_model.post_layernorm(out))[:, 1:]
+    torch.save(hf, tmp_path / "f.pt")
+    ours = refined(str(tmp_path / "f.pt"), ring=0).forward_dense(images).patch.flatten(2).transpose(1, 2)
+    torch.testing.assert_close(ours, feats, atol=1e-4, rtol=1e-4)
