@@ -324,7 +324,7 @@ def run(args: argparse.Namespace) -> int:
                 "fp_gp_sigma": FP_GP_SIGMA, "adaptive_threshold": ADAPTIVE_THRESHOLD, "ah_sigma": AH_SIGMA,
                 "ah_layers": list(ah) if ah else "off", "uniformity": uniformity, "tau": losses.TAU,
                 "loss_weights": {"abs": losses.ABS_WEIGHT, "scd": losses.SCD_WEIGHT, "scd_start": losses.SCD_START},
-                "target_snapping": True, "channel_mask": mask,
+                "target_snapping": True, "channel_mask": mask, "pos_interpolation": "size (transformers CLIP)",
                 "reference_image": ({"file": os.path.abspath(ref_path), "sha256": _sha256(ref_path)} if ref_path else
                                     {"generated": True, "size": crops.REFERENCE_SIZE, "seed": crops.REFERENCE_SEED}),
                 "seed": seed, "images": len(paths), "images_fingerprint": files_fingerprint(paths)}
