@@ -33,7 +33,8 @@ class _Tasks:
 
 TASKS = _Tasks()
 #: ``harness distill NAME`` -> the module whose ``run(args) -> int`` trains it
-DISTILLERS = {"phreg": "harness.distill.phreg", "dvt": "harness.distill.dvt"}
+DISTILLERS = {"phreg": "harness.distill.phreg", "dvt": "harness.distill.dvt",
+              "unirefiner": "harness.distill.unirefiner"}
 KINDS = ("backbones", "methods", "datasets", "evaluators", "protocols")
 
 
@@ -137,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     fn.add_argument("--batch-size", type=int, default=8)
     _model_options(fn)
 
-    ds = sub.add_parser("distill", help="train a cleaner's weights (PH-Reg student, DVT denoiser) on an image folder",
+    ds = sub.add_parser("distill", help="train a cleaner's weights (PH-Reg student, DVT denoiser, UniRefiner "
+                                        "LoRA) on an image folder",
                         description="Distil a cleaner for a backbone from unlabelled images; the output loads with "
                                     "--method NAME --method-weights FILE.")
     ds.add_argument("cleaner", choices=DISTILLERS, help="what to train")
@@ -153,6 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--views", type=int, default=None, help="dvt stage 1: random crops per image (default 768)")
     ds.add_argument("--stage1-steps", type=int, default=None,
                     help="dvt stage 1: fitting steps per batch of images (default 25000); --steps is stage 2's")
+    ds.add_argument("--fill", default=None, help="unirefiner: ring filler zero|uniform|normal (default zero)")
+    ds.add_argument("--ah-layers", default=None, metavar="START-END|off",
+                    help="unirefiner: teacher blocks of the attention-hijack detector (default: by depth, see README)")
+    ds.add_argument("--reference-image", default=None, metavar="FILE",
+                    help="unirefiner: the fixed reference image (default: a generated one)")
+    ds.add_argument("--uniformity", type=float, default=None, help="unirefiner: uniformity strength (default 0.3)")
+    ds.add_argument("--lr", type=float, default=None,
+                    help="unirefiner: learning rate at batch 16, scaled by batch/16 (default 1e-4)")
     ds.add_argument("--checkpoint-every", type=int, default=100, help="steps between resumable checkpoints")
     ds.add_argument("--seed", type=int, default=0)
     _model_options(ds)
