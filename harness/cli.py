@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--reference-image", default=None, metavar="FILE",
                     help="unirefiner: the fixed reference image (default: a generated one)")
     ds.add_argument("--uniformity", type=float, default=None, help="unirefiner: uniformity strength (default 0.3)")
+    ds.add_argument("--fp-gp-cosine", type=float, default=None, metavar="C",
+                    help="unirefiner: reject fixed-pattern/global-proxy tokens at cosine >= C instead of the recipes' "
+                         "z-score rule (mean + 0.5 std); the authors' code has both modes")
     ds.add_argument("--lr", type=float, default=None,
                     help="unirefiner: learning rate at batch 16, scaled by batch/16 (default 1e-4)")
     ds.add_argument("--checkpoint-every", type=int, default=100, help="steps between resumable checkpoints")

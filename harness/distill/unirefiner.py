@@ -195,12 +195,14 @@ class Step:
     """One UniRefiner step (module docstring); holds the models, the reference tokens and the settings."""
 
     def __init__(self, backbone: Backbone, student: nn.Module, reference: torch.Tensor, mask: List[int],
-                 ah: Optional[Tuple[int, int]], fill: str, uniformity: float, snapping: bool = True) -> None:
+                 ah: Optional[Tuple[int, int]], fill: str, uniformity: float, snapping: bool = True,
+                 fp_gp_cosine: Optional[float] = None) -> None:
         self.backbone, self.student, self.mask = backbone, student, mask
         self.tower = student.base_model.model
         self.reference = reference
         self.layers = list(range(ah[0], ah[1] + 1)) if ah else []
         self.fill, self.uniformity, self.snapping = fill, uniformity, snapping
+        self.fp_gp_cosine = fp_gp_cosine
         self.patch = backbone.spec.patch_size
         with torch.no_grad():
             self.u = self.norm(teacher_tokens(backbone, reference)[0])
@@ -230,7 +232,7 @@ class Step:
             qk = [(q[fg_mask].view(b * p, n * n, -1), k[fg_mask].view(b * p, n * n, -1)) for q, k in qk]
             f = self.norm(teacher_tokens(self.backbone, images)[0]).repeat_interleave(p, 0)
             snapped = losses.snap(fg, f)
-            det = detect(fg, strip, self.u, snapped, g_rep.detach(), qk, gen)
+            det = detect(fg, strip, self.u, snapped, g_rep.detach(), qk, gen, fp_gp_cosine=self.fp_gp_cosine)
             spurious = losses.snap(det.spurious, f)
         target, negatives = (snapped, f) if self.snapping else (fg, fg)
         ref, theta = losses.refinement_loss(s, target, det.clean, negatives, z_rep, g_rep, self.uniformity)
@@ -283,6 +285,9 @@ def run(args: argparse.Namespace) -> int:
     fill = check_fill(getattr(args, "fill", None) or "zero", "--fill")
     ah = parse_ah_layers(getattr(args, "ah_layers", None), backbone.num_blocks)
     uniformity = float(getattr(args, "uniformity", None) or UNIFORMITY)
+    fp_gp_cosine = getattr(args, "fp_gp_cosine", None)
+    if fp_gp_cosine is not None and not -1.0 <= fp_gp_cosine <= 1.0:
+        raise ConfigError(f"--fp-gp-cosine must be a cosine in [-1, 1] (got {fp_gp_cosine})")
     ref_path = getattr(args, "reference_image", None)
     if ref_path is not None and not os.path.isfile(ref_path):
         raise ConfigError(f"--reference-image {ref_path}: no such file")
@@ -309,7 +314,8 @@ def run(args: argparse.Namespace) -> int:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_seed(seed, 3))  # LoRA A's initialisation
         student = build_student(backbone)
-    step = Step(teacher, student, reference, mask["masked_channels"], ah, fill, uniformity)
+    step = Step(teacher, student, reference, mask["masked_channels"], ah, fill, uniformity,
+                fp_gp_cosine=fp_gp_cosine)
     optimizer = torch.optim.AdamW(optimizer_groups(student, WEIGHT_DECAY), lr=lr, betas=betas, eps=eps)
     trainable = {n: p for n, p in student.named_parameters() if p.requires_grad}
     ring = ring_size(res // patch)
@@ -321,7 +327,8 @@ def run(args: argparse.Namespace) -> int:
                 "ring": ring, "fill": fill, "fill_authors_name": FILLS[fill], "scd_ring": max(ring, SCD_RING),
                 "proposals": crops.PROPOSALS, "crop_scale": list(crops.CROP_SCALE),
                 "crop_ratio": list(crops.CROP_RATIO), "strip_ratio": crops.STRIP_RATIO,
-                "fp_gp_sigma": FP_GP_SIGMA, "adaptive_threshold": ADAPTIVE_THRESHOLD, "ah_sigma": AH_SIGMA,
+                "fp_gp_sigma": FP_GP_SIGMA if fp_gp_cosine is None else None, "fp_gp_cosine": fp_gp_cosine,
+                "adaptive_threshold": ADAPTIVE_THRESHOLD, "ah_sigma": AH_SIGMA,
                 "ah_layers": list(ah) if ah else "off", "uniformity": uniformity, "tau": losses.TAU,
                 "loss_weights": {"abs": losses.ABS_WEIGHT, "scd": losses.SCD_WEIGHT, "scd_start": losses.SCD_START},
                 "target_snapping": True, "channel_mask": mask, "pos_interpolation": "size (transformers CLIP)",

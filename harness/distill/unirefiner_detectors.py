@@ -4,7 +4,10 @@ a *clean* mask (True = keep the token as a supervision target).
 
 * fixed-pattern / global-proxy (FP-GP), inter-image: a crop token's best cosine with the tokens of a fixed
   reference image; intra-image: with the reference strip pasted beside the crop. Rejected at
-  ``score >= mean + sigma * std`` over the crop's tokens (sigma ``fp_gp_thres`` 0.5 in every recipe).
+  ``score >= mean + sigma * std`` over the crop's tokens (sigma ``fp_gp_thres`` 0.5 in every recipe), or, in
+  the code's other mode (``cosine_threshold`` of ``filter_by_fp_gp_similarity``; no released recipe uses it),
+  at ``score >= c`` for a fixed cosine ``c``. The z-score rule always rejects about a third of a crop's
+  tokens, however few artifacts it holds: a recall-first filter of training targets.
 * adaptive register: the best cosine of the (snapped) target with a random third of the student's ring
   tokens; rejected at ``>= 0.55`` (``adaptive_register_thres`` in every recipe).
 * attention hijacking (AH): over the chosen teacher layers, softmax of normalised q k^T among the crop's
@@ -31,9 +34,15 @@ SAMPLE_TOP = 0.4
 ADAPTIVE_SHARE = 3
 
 
-def fp_gp(fg: torch.Tensor, reference: torch.Tensor, sigma: float = FP_GP_SIGMA) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(P, N, D) crop tokens, (1 or P, M, D) comparison tokens -> (clean (P, N), score (P, N))."""
+def fp_gp(fg: torch.Tensor, reference: torch.Tensor, sigma: float = FP_GP_SIGMA,
+          cosine: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(P, N, D) crop tokens, (1 or P, M, D) comparison tokens -> (clean (P, N), score (P, N)).
+
+    ``cosine`` replaces the z-score rule by a fixed threshold (the authors' ``cosine_threshold`` mode).
+    """
     score = (fg @ reference.expand(fg.shape[0], -1, -1).transpose(1, 2)).max(-1).values
+    if cosine is not None:
+        return score < cosine, score
     thr = score.mean(-1, keepdim=True) + sigma * score.std(-1, keepdim=True)
     return score < thr, score
 
@@ -100,7 +109,7 @@ class Detection:
 def detect(fg: torch.Tensor, strip: torch.Tensor, reference: torch.Tensor, snapped: torch.Tensor,
            ring: torch.Tensor, qk: Sequence[Tuple[torch.Tensor, torch.Tensor]], generator: Optional[torch.Generator],
            fp_gp_sigma: float = FP_GP_SIGMA, adaptive_threshold: float = ADAPTIVE_THRESHOLD,
-           ah_sigma: float = AH_SIGMA) -> Detection:
+           ah_sigma: float = AH_SIGMA, fp_gp_cosine: Optional[float] = None) -> Detection:
     """All four detectors in the authors' order (AH last, seeing what the others rejected).
 
     ``fg`` crop tokens of the composite (P, N, D), ``strip`` its reference-strip tokens, ``reference`` the
@@ -108,8 +117,8 @@ def detect(fg: torch.Tensor, strip: torch.Tensor, reference: torch.Tensor, snapp
     (P, R, D), ``qk`` the teacher's (q, k) crop-token projections per AH layer (empty: AH off).
     """
     count = ring.shape[1]
-    inter, s_inter = fp_gp(fg, reference, fp_gp_sigma)
-    intra, s_intra = fp_gp(fg, strip, fp_gp_sigma)
+    inter, s_inter = fp_gp(fg, reference, fp_gp_sigma, fp_gp_cosine)
+    intra, s_intra = fp_gp(fg, strip, fp_gp_sigma, fp_gp_cosine)
     spurious = torch.cat([sample_spurious(fg, s_inter, count, generator),
                           sample_spurious(fg, s_intra, count, generator)], dim=1)
     pick = torch.randperm(count, generator=generator)[:max(count // ADAPTIVE_SHARE, 1)].to(ring.device)

@@ -113,3 +113,65 @@ def test_detectors_on_planted_tokens(planted_detection, capsys) -> None:
     # token; its score ranks them first (precision at k = number of planted tokens)
     assert rows["fp_gp_inter"][1] >= 0.8
     assert rows["fp_gp_inter@k"][0] >= 0.8
+
+
+def _content_free_reference(path, size: int, patch: int) -> str:
+    """A reference image that shares no low-level content with the test images except where the planted
+    neuron can fire: pixel noise everywhere, flat colour on the patches of the planted positional gate.
+
+    In a random network a token's similarity reflects low-level content, so a reference with flat areas
+    elsewhere would match the images' flat (clean) patches as well as their artifacts.
+    """
+    from PIL import Image
+
+    from harness.backbones.planted import planted_mask
+
+    g = torch.Generator().manual_seed(5)
+    img = torch.rand(3, size, size, generator=g)
+    n = size // patch
+    gate = planted_mask((n, n))
+    for i in range(n):
+        for j in range(n):
+            if gate[i, j]:
+                img[:, i * patch:(i + 1) * patch, j * patch:(j + 1) * patch] = torch.rand(3, 1, 1, generator=g)
+    Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(path)
+    return str(path)
+
+
+def test_fixed_pattern_detector_finds_the_planted_tokens(tmp_path, capsys) -> None:
+    """FP (inter-image) against a content-free reference (``--reference-image``): in the authors' fixed-cosine
+    mode precision and recall on the planted tokens are >= 0.8; the recipes' z-score rule keeps its recall and
+    rejects about a third of each crop, so its precision is bounded by the planted share (printed)."""
+    torch.manual_seed(0)
+    bb = build_dense_model("test-planted-clip", random_init=True).backbone
+    size, patch = 128, 16
+    n = size // patch
+    images = low_information_images(8, (size, size), seed=3)
+    ref_file = _content_free_reference(tmp_path / "ref.png", size, patch)
+    reference = C.reference_tensor(size, CLIP_MEAN, CLIP_STD, ref_file)
+    fired: Dict[str, torch.Tensor] = {}
+    hook = bb.visual.transformer.resblocks[PLANTED_LAYER].mlp.gelu.register_forward_hook(
+        lambda mod, inp, out: fired.__setitem__("a", out[..., PLANTED_UNIT]))
+    counts = {"z-score 0.5": [0, 0, 0], "cosine 0.95": [0, 0, 0]}
+    with torch.no_grad():
+        u = F.normalize(U.teacher_tokens(bb, reference)[0], dim=-1)
+        for side in range(4):
+            comp, fg_mask = C.compose(images, reference, patch, side)
+            tok, _ = U.teacher_tokens(bb, comp, [])
+            truth = (fired["a"][:, 1:] > 1.0)[fg_mask].view(len(images), -1)
+            fg = F.normalize(tok, dim=-1)[fg_mask].view(len(images), n * n, -1)
+            for name, cos in (("z-score 0.5", None), ("cosine 0.95", 0.95)):
+                clean, _ = D.fp_gp(fg, u, cosine=cos)
+                c = counts[name]
+                c[0] += int((~clean & truth).sum())
+                c[1] += int((~clean).sum())
+                c[2] += int(truth.sum())
+    hook.remove()
+    rows = {k: (tp / max(flagged, 1), tp / max(planted, 1)) for k, (tp, flagged, planted) in counts.items()}
+    with capsys.disabled():
+        print(f"\nFixed-pattern detector vs a content-free reference (planted share "
+              f"{counts['cosine 0.95'][2] / (4 * 8 * n * n):.2f}):")
+        for k, (p, r) in rows.items():
+            print(f"  {k:12s} precision {p:.2f}  recall {r:.2f}")
+    assert rows["cosine 0.95"][0] >= 0.8 and rows["cosine 0.95"][1] >= 0.8
+    assert rows["z-score 0.5"][1] >= 0.8
