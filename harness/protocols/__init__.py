@@ -12,6 +12,8 @@ naming the file and the key.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List
@@ -57,6 +59,21 @@ class Protocol:
         out = copy.deepcopy(self.defaults)
         out.update(copy.deepcopy(self.datasets[dataset] or {}))
         return out
+
+
+def content_sha256(path: str) -> str:
+    """sha256 of a protocol file's canonical content: the parsed YAML as sorted-key JSON.
+
+    Comments, key order and layout do not count; any value that changes does (the pin test compares this
+    with ``tests/protocols/protocol_pins.json`` per task, id and version).
+    """
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read protocol file {path}: {e}") from e
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
 def load_protocol_file(path: str) -> Protocol:

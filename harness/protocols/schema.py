@@ -202,9 +202,19 @@ def _check_dataclass(value: Any, tp: Any, path: str, where: str) -> Dict[str, An
         else:
             missing.append(f.name)
     if missing:
+        required = [f.name for f in fields if f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING]  # type: ignore[misc]
         raise _fail(path, where or "(top level)", f"missing key(s) {', '.join(missing)} "
-                                                  f"(required: {', '.join(n for n in names)})")
+                                                  f"(required: {', '.join(required)})")
     return out
+
+
+def _numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def check_value(value: Any, tp: Any, path: str, where: str) -> Any:
@@ -237,7 +247,12 @@ def check_value(value: Any, tp: Any, path: str, where: str) -> Any:
             raise _fail(path, f"{where}.{disc}" if where else disc,
                         f"{value[disc]!r} is not allowed; expected one of {', '.join(map(repr, allowed))}")
         if len(members) == 1:
-            return check_value(value, members[0], path, where)
+            try:
+                return check_value(value, members[0], path, where)
+            except SchemaError as e:
+                if e.key != where or len(members) == len(typing.get_args(tp)):
+                    raise
+                raise _fail(path, where, f"{e.msg} (or null)") from None
         for m in members:
             try:
                 return check_value(value, m, path, where)
@@ -254,7 +269,7 @@ def check_value(value: Any, tp: Any, path: str, where: str) -> Any:
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            hint = " (YAML reads 1e-3 as text: write 1.0e-3)" if isinstance(value, str) else ""
+            hint = " (YAML reads 1e-3 as text: write 1.0e-3)" if isinstance(value, str) and _numeric(value) else ""
             raise _fail(path, where, f"expected a number, got {value!r}{hint}")
         return float(value)
     if tp is str:
