@@ -1,7 +1,8 @@
 """Settings shared by the probe tasks' schemas (``linear-seg``, ``depth``): optimiser and schedule.
 
-Sources of the values are in each protocol file; here only their types. ``momentum`` may be omitted:
-``none`` (no momentum schedule) is what a schedule without one means in mmcv.
+Sources of the values are in each protocol file; here only their types. ``momentum: none`` is an mmcv
+config without ``momentum_config`` (AdamW's beta1 stays at ``betas[0]``); a schedule may leave it out (the
+shipped files state it), as ``precision`` may be left out for ``fp32``.
 """
 from __future__ import annotations
 
