@@ -239,8 +239,8 @@ def check_value(value: Any, tp: Any, path: str, where: str) -> Any:
         if disc is not None and isinstance(value, dict):
             allowed = [a for m in members for a in typing.get_args(typing.get_type_hints(m)[disc])]
             if disc not in value:
-                raise _fail(path, where, f"missing key {disc!r} (one of {', '.join(map(repr, allowed))}) that "
-                                         f"says which keys apply")
+                raise _fail(path, where or "(top level)", f"missing key(s) {disc} (one of "
+                                                          f"{', '.join(map(repr, allowed))}, says which keys apply)")
             for m in members:
                 if value[disc] in typing.get_args(typing.get_type_hints(m)[disc]):
                     return _check_dataclass(value, m, path, where)

@@ -96,6 +96,13 @@ def test_missing_key_is_named_with_the_dataset(tmp_path):
     assert "loss" in msg and "missing key(s) log_eps" in msg
 
 
+def test_missing_mode_says_which_values_choose_the_keys(tmp_path):
+    data = _raw("depth", "fast")
+    del data["defaults"]["mode"]
+    msg = _load_error(tmp_path, data)
+    assert "datasets.nyu: missing key(s) mode (one of 'faithful', 'fast'" in msg, msg
+
+
 def test_missing_top_level_key(tmp_path):
     data = _raw("linear-seg", "fast")
     del data["source"]
@@ -204,7 +211,7 @@ def test_checker_on_a_hand_written_schema():
         ({"maybe": "x"}, "maybe: expected a number, got 'x' (or null)"),
         ({"flag": 0}, "flag: expected true or false"),
         ({"part": {"kind": "c"}}, "part.kind: 'c' is not allowed; expected one of 'a', 'b'"),
-        ({"part": {"n": 1}}, "part: missing key 'kind'"),
+        ({"part": {"n": 1}}, "part: missing key(s) kind"),
         ({"part": {"kind": "a", "x": 1.0}}, "part.x: unknown key 'x'"),
         ({"levle": 2}, "levle: unknown key 'levle'; did you mean 'level'?"),
     ]
