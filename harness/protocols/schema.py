@@ -2,7 +2,7 @@
 
 A task's settings are described by frozen dataclasses whose type hints say what each key holds
 (``int``, ``float``, ``bool``, ``str``, ``Literal[...]``, ``Optional[...]``, ``List[...]``,
-``Tuple[...]``, ``Dict[str, ...]``, nested dataclasses, or a ``Union`` of dataclasses told apart by a
+``Tuple[...]``, ``Dict[str | int, ...]``, nested dataclasses, or a ``Union`` of dataclasses told apart by a
 ``Literal`` field such as ``mode``). :func:`check_value` walks a YAML value against such a type and
 raises one :class:`~harness.errors.ConfigError` naming the file, the key and what was expected: an
 unknown key names the nearest valid one (difflib), a missing key the keys that are required, a wrong
@@ -288,10 +288,12 @@ def check_value(value: Any, tp: Any, path: str, where: str) -> Any:
     if origin in (dict, Dict):
         if not isinstance(value, dict):
             raise _fail(path, where, f"expected {_type_name(tp)}, got {value!r}")
-        _, vt = typing.get_args(tp)
+        kt, vt = typing.get_args(tp)
         out = {}
         for k, v in value.items():
-            if not isinstance(k, str):
+            if kt is int and (not isinstance(k, int) or isinstance(k, bool)):
+                raise _fail(path, where, f"key {k!r} must be an integer")
+            if kt is not int and not isinstance(k, str):
                 raise _fail(path, where, f"key {k!r} must be a string")
             out[k] = check_value(v, vt, path, f"{where}.{k}")
         return out
