@@ -1,6 +1,7 @@
 """Device selection, torch.distributed (torchrun) set-up and progress bars shared by evaluators."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -60,3 +61,15 @@ def progress(iterable: Optional[Iterable[Any]] = None, total: Optional[int] = No
 
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr,
                 dynamic_ncols=True, smoothing=0.1)
+
+
+def precision_context(precision: str, device: torch.device) -> Any:
+    """The protocol's ``precision``: ``fp32`` runs as is (the reference), ``bf16`` under
+    ``torch.autocast(dtype=torch.bfloat16)`` on the device's type, CPU included."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    from .errors import ConfigError
+
+    raise ConfigError(f"precision {precision!r} is not one of fp32, bf16 (the protocol's `precision` key)")

@@ -320,7 +320,7 @@ class ArtifactsEvaluator(Evaluator):
               bar, device: torch.device, bs: int, done: int, n_total: int) -> None:
         """Measure every image of ``loader`` for every method; saves partial state periodically and on Ctrl-C."""
         base = jobs[0].model
-        features = shared_trunk_features([j.model for j in jobs])
+        features = shared_trunk_features([j.model for j in jobs], settings["precision"])
         patch = base.spec.patch_size
         fill = (1.0 - torch.tensor(base.spec.mean)) / torch.tensor(base.spec.std)
         cutoff = float(settings["outlier_cutoff"])

@@ -35,14 +35,7 @@ from ..probes.data import (
 from ..probes.extract import FixedViewSamples, fill_cache
 from ..probes.features import dense_features, depth_flip_average, depth_from_features, resize
 from ..probes.heads import DepthBinsHead, HeadBank, depth_head_input
-from ..probes.losses import (
-    GRADIENT_LOSS_WEIGHT,
-    GRADIENT_STRIDES,
-    LOG_EPS,
-    SIGLOSS_MEAN_WEIGHT,
-    SIGLOSS_WEIGHT,
-    depth_loss,
-)
+from ..probes.losses import depth_loss
 from ..probes.trainer import ProbeTrainer
 from ..registry import EVALUATORS
 from ..results.record import RunRecord
@@ -51,7 +44,7 @@ from .probe_base import ProbeEvaluator, ProbeRun
 TASK = "depth"
 COMMON_KEYS = ("train_split", "depth_rescale_factor", "min_depth", "max_depth", "eigen_crop", "flip_test",
                "crop_size", "optimizer", "schedule", "max_iters", "batch_size", "eval_interval",
-               "checkpoint_interval", "log_interval", "n_bins", "upsample", "sigloss_warmup_iters")
+               "checkpoint_interval", "log_interval", "n_bins", "upsample", "sigloss_warmup_iters", "loss", "head")
 FAITHFUL_KEYS = ("rotate_prob", "rotate_degree", "flip_prob", "color_prob", "gamma_range", "brightness_range",
                  "color_range")
 FAST_KEYS = ("holdout_fraction", "select_metric")
@@ -100,7 +93,7 @@ class DepthEvaluator(ProbeEvaluator):
     def _head(self, run: ProbeRun, in_channels: int) -> DepthBinsHead:
         s = run.settings
         return DepthBinsHead(in_channels, int(s["n_bins"]), float(s["min_depth"]), float(s["max_depth"]),
-                             int(s["upsample"]))
+                             int(s["upsample"]), norm_eps=float(s["head"]["norm_eps"]))
 
     def _accumulator(self, run: ProbeRun, eigen: bool) -> DepthAccumulator:
         s = run.settings
@@ -110,9 +103,8 @@ class DepthEvaluator(ProbeEvaluator):
                 extra: Dict[str, Any]) -> RunRecord:
         extra = dict(extra)
         extra.setdefault("artifacts", {}).update(self._write_curves(run, trainer))
-        extra.update(loss={"sigloss_weight": SIGLOSS_WEIGHT, "sigloss_lambda": 1 - SIGLOSS_MEAN_WEIGHT,
-                           "gradient_loss_weight": GRADIENT_LOSS_WEIGHT, "gradient_loss": "spatial",
-                           "gradient_strides": list(GRADIENT_STRIDES), "log_eps": LOG_EPS},
+        loss = run.settings["loss"]
+        extra.update(loss={**loss, "sigloss_lambda": 1 - loss["sigloss_mean_weight"], "gradient_loss": "spatial"},
                      metric_aggregation="per image, then mean over images (toolbox / DVT)",
                      resumed_from_iter=trainer.resumed_from)
         m = acc.compute()
@@ -132,7 +124,8 @@ class DepthEvaluator(ProbeEvaluator):
         train_ds = spec.build(cfg.data_root, train_split, depth_train_pipeline(aug), limit=cfg.limit)
         test_ds = spec.build(cfg.data_root, run.eval_split, depth_test_pipeline(s["depth_rescale_factor"]),
                              limit=cfg.limit)
-        probe = dense_features(model, torch.zeros(1, 3, model.spec.patch_size, model.spec.patch_size, device=dev))
+        probe = dense_features(model, torch.zeros(1, 3, model.spec.patch_size, model.spec.patch_size, device=dev),
+                               s["precision"])
         in_ch = int(probe.patch.shape[1] + probe.cls.shape[1])
         with seeded(cfg.seed):
             head = self._head(run, in_ch).to(dev)
@@ -149,13 +142,13 @@ class DepthEvaluator(ProbeEvaluator):
                               pin_memory=dev.type == "cuda", persistent_workers=False)
 
         def prepare(b: Dict[str, torch.Tensor]) -> Tuple[Any, torch.Tensor]:
-            return dense_features(model, b["img"].to(dev, non_blocking=True)), \
+            return dense_features(model, b["img"].to(dev, non_blocking=True), s["precision"]), \
                 b["target"].to(dev, non_blocking=True)[:, None]
 
         def loss_fn(inputs: Tuple[Any, torch.Tensor], it: int, j: int) -> torch.Tensor:
             feats, gt = inputs
             pred = depth_from_features(heads.heads[j], feats, tuple(gt.shape[-2:]))
-            return depth_loss(pred, gt, it, warm_iters=warm)
+            return depth_loss(pred, gt, it, warm_iters=warm, **s["loss"])
 
         last: Dict[str, Any] = {}
 
@@ -183,7 +176,7 @@ class DepthEvaluator(ProbeEvaluator):
         head.eval()
 
         def pred_fn(x: torch.Tensor) -> torch.Tensor:
-            return depth_from_features(head, dense_features(model, x), tuple(x.shape[-2:]))
+            return depth_from_features(head, dense_features(model, x, s["precision"]), tuple(x.shape[-2:]))
 
         with torch.no_grad():
             for smp in loader:
@@ -206,11 +199,12 @@ class DepthEvaluator(ProbeEvaluator):
             return np.clip(np.rint(depth.numpy() / scale), 0, 65535).astype(np.uint16)
 
         def featurize(imgs: torch.Tensor) -> Dict[str, torch.Tensor]:
-            f = dense_features(model, imgs.to(dev))
+            f = dense_features(model, imgs.to(dev), s["precision"])
             return {"patch": f.patch, "cls": f.cls}
 
         def featurize_flip(imgs: torch.Tensor) -> Dict[str, torch.Tensor]:
-            f, g = dense_features(model, imgs.to(dev)), dense_features(model, imgs.flip(-1).to(dev))
+            f = dense_features(model, imgs.to(dev), s["precision"])
+            g = dense_features(model, imgs.flip(-1).to(dev), s["precision"])
             return {"patch": f.patch, "cls": f.cls, "patch_flip": g.patch, "cls_flip": g.cls}
 
         train_ds = spec.build(cfg.data_root, train_split, depth_fixed_view_pipeline(scale, crop), limit=cfg.limit)
@@ -259,7 +253,7 @@ class DepthEvaluator(ProbeEvaluator):
 
         def loss_fn(b: Tuple[torch.Tensor, torch.Tensor], it: int, j: int) -> torch.Tensor:
             x, gt = b
-            return depth_loss(resize(heads.heads[j](x), tuple(gt.shape[-2:])), gt, it, warm_iters=warm)
+            return depth_loss(resize(heads.heads[j](x), tuple(gt.shape[-2:])), gt, it, warm_iters=warm, **s["loss"])
 
         metric = str(s["select_metric"])
         last: Dict[str, Any] = {}

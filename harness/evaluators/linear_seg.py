@@ -42,7 +42,7 @@ from .probe_base import ProbeEvaluator, ProbeRun
 
 TASK = "linear-seg"
 COMMON_KEYS = ("train_split", "test_scale", "optimizer", "schedule", "max_iters", "batch_size", "eval_interval",
-               "checkpoint_interval", "log_interval")
+               "checkpoint_interval", "log_interval", "head")
 FAITHFUL_KEYS = ("train_scale", "ratio_range", "crop_size", "cat_max_ratio", "flip_prob", "slide_crop", "slide_stride")
 FAST_KEYS = ("crop_size", "slide_crop", "slide_stride", "holdout_fraction", "select_metric")
 
@@ -92,13 +92,14 @@ class LinearSegEvaluator(ProbeEvaluator):
             raise ConfigError(f"protocol {run.where}: the faithful recipe trains one head (optimizer.lr)")
         crop = (int(s["crop_size"][0]), int(s["crop_size"][1]))
         aug = dict(scale=s["train_scale"], ratio_range=s["ratio_range"],
-                   crop_size=crop, cat_max_ratio=s["cat_max_ratio"], flip_prob=s["flip_prob"])
+                   crop_size=crop, cat_max_ratio=s["cat_max_ratio"], flip_prob=s["flip_prob"],
+                   photometric=s["photometric"])
         train_ds = spec.build(cfg.data_root, train_split, seg_train_pipeline(aug), limit=cfg.limit)
         val_ds = self._val_dataset(run, spec)
         feat_dim = int(model.forward_dense(torch.zeros(1, 3, model.spec.patch_size, model.spec.patch_size,
                                                        device=dev)).patch.shape[1])
         with seeded(cfg.seed):
-            head = LinearSegHead(feat_dim, spec.num_classes).to(dev)
+            head = LinearSegHead(feat_dim, spec.num_classes, float(s["head"]["conv_init_std"])).to(dev)
         heads = HeadBank([head])
         names = [lr_name(lrs[0])]
         trainer = self._trainer(run, heads, names, lrs, {"mode": "faithful"}, f"{TASK} {run.dataset}")
@@ -111,7 +112,7 @@ class LinearSegEvaluator(ProbeEvaluator):
                               pin_memory=dev.type == "cuda", persistent_workers=False)
 
         def prepare(b: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-            feats = dense_features(model, b["img"].to(dev, non_blocking=True))
+            feats = dense_features(model, b["img"].to(dev, non_blocking=True), s["precision"])
             return feats.patch.float(), b["target"].to(dev, non_blocking=True)
 
         def loss_fn(inputs: Tuple[torch.Tensor, torch.Tensor], it: int, j: int) -> torch.Tensor:
@@ -150,7 +151,7 @@ class LinearSegEvaluator(ProbeEvaluator):
         head.eval()
 
         def logits_fn(windows: torch.Tensor) -> torch.Tensor:
-            feats = dense_features(model, windows)
+            feats = dense_features(model, windows, s["precision"])
             return resize(head(feats.patch.float()), tuple(windows.shape[-2:]))
 
         with torch.no_grad():
@@ -174,7 +175,7 @@ class LinearSegEvaluator(ProbeEvaluator):
         mean, std = model.spec.mean_255, model.spec.std_255
 
         def featurize(imgs: torch.Tensor) -> Dict[str, torch.Tensor]:
-            return {"patch": dense_features(model, imgs.to(dev)).patch}
+            return {"patch": dense_features(model, imgs.to(dev), s["precision"]).patch}
 
         # train view: keep-ratio resize to the test scale + centre crop (labels follow), padded to the crop
         train_ds = spec.build(cfg.data_root, train_split, seg_fixed_view_pipeline(scale, crop), limit=cfg.limit)
@@ -199,7 +200,7 @@ class LinearSegEvaluator(ProbeEvaluator):
             out = []
             for img in imgs:
                 windows = torch.stack([img[:, y1:y2, x1:x2] for (y1, y2, x1, x2) in boxes])
-                out.append(torch.cat([dense_features(model, windows[k:k + bs].to(dev)).patch
+                out.append(torch.cat([dense_features(model, windows[k:k + bs].to(dev), s["precision"]).patch
                                       for k in range(0, len(boxes), bs)]))
             return {"patch": torch.stack(out)}
 
@@ -224,7 +225,8 @@ class LinearSegEvaluator(ProbeEvaluator):
         hold_idx, fit_idx = sorted(perm[:n_hold].tolist()), perm[n_hold:].tolist()
         feat_dim = int(tr_cache.shape(0, "patch")[0])
         with seeded(cfg.seed):
-            heads = HeadBank([LinearSegHead(feat_dim, spec.num_classes) for _ in lrs]).to(dev)
+            heads = HeadBank([LinearSegHead(feat_dim, spec.num_classes, float(s["head"]["conv_init_std"]))
+                              for _ in lrs]).to(dev)
         names = [lr_name(lr) for lr in lrs]
         trainer = self._trainer(run, heads, names, lrs, {"mode": "fast", "cache": tr_cache.path},
                                 f"{TASK} fast {run.dataset}")

@@ -137,7 +137,7 @@ class OVSSEvaluator(Evaluator):
         base = jobs[0].model
         mean = torch.tensor(base.spec.mean_255, device=device).view(3, 1, 1)
         std = torch.tensor(base.spec.std_255, device=device).view(3, 1, 1)
-        features = shared_trunk_features([j.model for j in jobs])
+        features = shared_trunk_features([j.model for j in jobs], settings["precision"])
         pamr_cfg = settings.get("pamr")
         last_save = time.time()
         try:

@@ -91,11 +91,13 @@ class ProbeRun:
 
     def cache_fields(self, split: str, view: str, ds: Any, extra: Dict[str, Any]) -> Dict[str, Any]:
         """What a feature cache's content depends on (backbone, method, weights hash,
-        dataset, resolution), plus the data files themselves (:func:`dataset_fingerprint`)."""
+        dataset, resolution, precision), plus the data files themselves (:func:`dataset_fingerprint`)."""
         fields = {"backbone": self.model.spec.id, "method": self.method_name, "method_params": self.model.params,
                   "weights": self.weights_identity, "dataset": self.dataset, "split": split, "view": view,
                   "data_root": os.path.abspath(self.cfg.data_root), "limit": self.cfg.limit,
                   "files": dataset_fingerprint(ds), **extra}
+        if self.settings.get("precision", "fp32") != "fp32":  # only when not the reference: fp32 caches keep names
+            fields["precision"] = self.settings["precision"]
         if self.model.method_weights:  # only when present: caches of training-free methods keep their names
             fields["method_weights"] = dict(sorted(self.model.method_weights.items()))
         return fields

@@ -12,7 +12,6 @@ shape and sent through the backbone together, in chunks of ``batch_size``.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -20,29 +19,23 @@ import torch
 import torch.nn.functional as F
 
 from ..methods.base import DenseModel, forward_dense_many
+from ..runtime import precision_context
 from ..windows import Window, slide_windows
-
-
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA (speed), plain fp32 elsewhere (CPU reference numbers)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
 
 FeatureFn = Callable[[torch.Tensor], List[torch.Tensor]]
 
 
-def shared_trunk_features(models: Sequence[DenseModel]) -> FeatureFn:
+def shared_trunk_features(models: Sequence[DenseModel], precision: str = "fp32") -> FeatureFn:
     """Patch features of several methods on one backbone, sharing what the dense interface says they share.
 
     :func:`~harness.methods.base.forward_dense_many` computes the plain trunk once, up to each method's
     first touched block (a method that adds tokens at the input, or wraps the forward, runs on its own).
+    ``precision`` is the protocol's (fp32, or bf16 autocast on any device); features come back as fp32.
     """
     models = list(models)
 
     def run(x: torch.Tensor) -> List[torch.Tensor]:
-        with autocast_for(x.device):
+        with precision_context(precision, x.device):
             return [f.patch.float() for f in forward_dense_many(models, x)]
 
     return run

@@ -215,8 +215,7 @@ def seg_train_pipeline(aug: Dict[str, Any]) -> List[dict]:
         dict(type="RandomResize", scale=tuple(aug["scale"]), ratio_range=tuple(aug["ratio_range"]), keep_ratio=True),
         dict(type="RandomCrop", crop_size=tuple(aug["crop_size"]), cat_max_ratio=float(aug["cat_max_ratio"])),
         dict(type="RandomFlip", prob=float(aug["flip_prob"])),
-        dict(type="PhotoMetricDistortion"),
-    ]
+    ] + ([dict(type="PhotoMetricDistortion")] if aug.get("photometric", True) else [])
 
 
 def seg_test_pipeline(scale: Sequence[int]) -> List[dict]:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ..backbones.base import DenseFeatures
 from ..methods.base import DenseModel
+from ..runtime import precision_context
 from ..windows import slide_windows
 from .heads import depth_head_input
 
@@ -39,9 +40,18 @@ def padded_grid(hw: Tuple[int, int], patch: int) -> Tuple[int, int]:
 
 
 @torch.no_grad()
-def dense_features(model: DenseModel, images: torch.Tensor) -> DenseFeatures:
-    """Frozen forward of normalised images (any size): centre-pad, then the one dense interface."""
-    return model.forward_dense(center_pad(images, model.spec.patch_size))
+def dense_features(model: DenseModel, images: torch.Tensor, precision: str = "fp32") -> DenseFeatures:
+    """Frozen forward of normalised images (any size): centre-pad, then the one dense interface.
+
+    ``precision`` is the protocol's: ``bf16`` runs the forward under bf16 autocast (any device); the
+    features are returned as fp32 either way, so the heads always train in fp32.
+    """
+    with precision_context(precision, images.device):
+        f = model.forward_dense(center_pad(images, model.spec.patch_size))
+    if precision == "fp32":
+        return f
+    return DenseFeatures(patch=f.patch.float(), cls=None if f.cls is None else f.cls.float(),
+                         registers=f.registers.float())
 
 
 def resize(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Defaults of the heads (the recipes' values); the evaluators pass the protocol's ``head`` entry.
 #: mmseg BaseDecodeHead init: conv_seg ~ N(0, 0.01), bias 0 (mmseg decode_head.py init_cfg / mmcv normal_init)
 SEG_CONV_INIT_STD = 0.01
 #: AdaBins-style head of DVT's vitb_nyu_linear_config.py / DINOv2 linear_head.py
@@ -31,11 +32,11 @@ class LinearSegHead(nn.Module):
     which is the same computation when the whole global batch is on one device.
     """
 
-    def __init__(self, in_channels: int, num_classes: int) -> None:
+    def __init__(self, in_channels: int, num_classes: int, conv_init_std: float = SEG_CONV_INIT_STD) -> None:
         super().__init__()
         self.bn = nn.BatchNorm2d(in_channels)
         self.conv_seg = nn.Conv2d(in_channels, num_classes, kernel_size=1)
-        nn.init.normal_(self.conv_seg.weight, mean=0.0, std=SEG_CONV_INIT_STD)
+        nn.init.normal_(self.conv_seg.weight, mean=0.0, std=float(conv_init_std))
         nn.init.zeros_(self.conv_seg.bias)
 
     def forward(self, patch: torch.Tensor) -> torch.Tensor:
@@ -56,9 +57,11 @@ class DepthBinsHead(nn.Module):
     """
 
     def __init__(self, in_channels: int, n_bins: int = DEPTH_BINS, min_depth: float = DEPTH_MIN,
-                 max_depth: float = DEPTH_MAX, upsample: int = DEPTH_UPSAMPLE) -> None:
+                 max_depth: float = DEPTH_MAX, upsample: int = DEPTH_UPSAMPLE,
+                 norm_eps: float = DEPTH_NORM_EPS) -> None:
         super().__init__()
         self.upsample = int(upsample)
+        self.norm_eps = float(norm_eps)
         self.conv_depth = nn.Conv2d(in_channels, n_bins, kernel_size=1)
         self.register_buffer("bins", torch.linspace(min_depth, max_depth, n_bins), persistent=False)
 
@@ -73,7 +76,7 @@ class DepthBinsHead(nn.Module):
             z = F.interpolate(self.conv_depth(x), size=size, mode="bilinear", align_corners=False)
         else:
             z = self.conv_depth(F.interpolate(x, size=size, mode="bilinear", align_corners=False))
-        logit = torch.relu(z) + DEPTH_NORM_EPS
+        logit = torch.relu(z) + self.norm_eps
         p = logit / logit.sum(dim=1, keepdim=True)
         return torch.einsum("bkhw,k->bhw", p, self.bins.to(p.dtype)).unsqueeze(1)
 

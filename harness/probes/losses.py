@@ -13,10 +13,12 @@ shows the two give different answers.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
+# The constants below are the DVT recipe's values and this module's defaults; the depth evaluators pass the
+# protocol's ``loss`` entry instead (harness/protocols/depth/*.yaml, same values and sources).
 #: eps inside log(d + eps) in both losses (DINOv2 sigloss.py / gradientloss.py: "avoid grad explode")
 LOG_EPS = 1e-3
 #: SigLoss: sqrt(Var(g) + 0.15 mean(g)^2), i.e. Eigen's scale-invariant loss with lambda = 0.85
@@ -40,7 +42,7 @@ def valid_mask(gt: torch.Tensor, max_depth: Optional[float] = None) -> torch.Ten
 
 
 def sig_loss(pred: torch.Tensor, gt: torch.Tensor, max_depth: Optional[float] = None,
-             warm_up: bool = False) -> torch.Tensor:
+             warm_up: bool = False, eps: float = LOG_EPS, mean_weight: float = SIGLOSS_MEAN_WEIGHT) -> torch.Tensor:
     """AdaBins scale-invariant log loss over all valid pixels of the batch.
 
     L = sqrt(Var(g) + 0.15 mean(g)^2), g = log(p + eps) - log(d + eps), ``torch.var`` unbiased as in
@@ -48,15 +50,16 @@ def sig_loss(pred: torch.Tensor, gt: torch.Tensor, max_depth: Optional[float] = 
     the warm-up follows the iteration counter (and survives a resume) rather than a mutable call count.
     """
     m = valid_mask(gt, max_depth)
-    g = torch.log(pred[m] + LOG_EPS) - torch.log(gt[m] + LOG_EPS)
+    g = torch.log(pred[m] + eps) - torch.log(gt[m] + eps)
     if g.numel() < 2:  # no (or one) valid pixel: no signal, and a graph-connected zero instead of NaN
         return pred.sum() * 0.0
     if warm_up:
-        return torch.sqrt(SIGLOSS_MEAN_WEIGHT * g.mean() ** 2)
-    return torch.sqrt(torch.var(g) + SIGLOSS_MEAN_WEIGHT * g.mean() ** 2)
+        return torch.sqrt(mean_weight * g.mean() ** 2)
+    return torch.sqrt(torch.var(g) + mean_weight * g.mean() ** 2)
 
 
-def gradient_loss(pred: torch.Tensor, gt: torch.Tensor, max_depth: Optional[float] = None) -> torch.Tensor:
+def gradient_loss(pred: torch.Tensor, gt: torch.Tensor, max_depth: Optional[float] = None, eps: float = LOG_EPS,
+                  strides: Sequence[int] = GRADIENT_STRIDES) -> torch.Tensor:
     """Multi-scale log-gradient matching loss, differences along the spatial axes (last two dims).
 
     For each stride s in (1, 2, 4, 6): R = (log(p + eps) - log(d + eps)) * mask on ``[..., ::s, ::s]``,
@@ -65,12 +68,12 @@ def gradient_loss(pred: torch.Tensor, gt: torch.Tensor, max_depth: Optional[floa
     with its slicing moved to the spatial dimensions).
     """
     total = pred.new_zeros(())
-    for s in GRADIENT_STRIDES:
+    for s in strides:
         p = pred[..., ::s, ::s]
         d = gt[..., ::s, ::s]
         m = valid_mask(d, max_depth).to(p.dtype)
         n = m.sum()
-        r = (torch.log(p + LOG_EPS) - torch.log(d + LOG_EPS)) * m
+        r = (torch.log(p + eps) - torch.log(d + eps)) * m
         v = (r[..., :-2, :] - r[..., 2:, :]).abs() * (m[..., :-2, :] * m[..., 2:, :])
         h = (r[..., :, :-2] - r[..., :, 2:]).abs() * (m[..., :, :-2] * m[..., :, 2:])
         total = total + (v.sum() + h.sum()) / n.clamp(min=1)  # no valid pixel: 0, not NaN
@@ -78,7 +81,13 @@ def gradient_loss(pred: torch.Tensor, gt: torch.Tensor, max_depth: Optional[floa
 
 
 def depth_loss(pred: torch.Tensor, gt: torch.Tensor, iteration: int, max_depth: Optional[float] = None,
-               warm_iters: int = SIGLOSS_WARM_ITERS) -> torch.Tensor:
-    """DVT NYU linear loss: 1.0 x SigLoss (warm-up for the first ``warm_iters`` iterations) + 0.5 x GradientLoss."""
-    return (SIGLOSS_WEIGHT * sig_loss(pred, gt, max_depth, warm_up=iteration < warm_iters)
-            + GRADIENT_LOSS_WEIGHT * gradient_loss(pred, gt, max_depth))
+               warm_iters: int = SIGLOSS_WARM_ITERS, sigloss_weight: float = SIGLOSS_WEIGHT,
+               sigloss_mean_weight: float = SIGLOSS_MEAN_WEIGHT, gradient_weight: float = GRADIENT_LOSS_WEIGHT,
+               gradient_strides: Sequence[int] = GRADIENT_STRIDES, log_eps: float = LOG_EPS) -> torch.Tensor:
+    """DVT NYU linear loss: 1.0 x SigLoss (warm-up for the first ``warm_iters`` iterations) + 0.5 x GradientLoss.
+
+    The keyword arguments are the protocol's ``loss`` entry (``depth_loss(..., **settings["loss"])``).
+    """
+    return (sigloss_weight * sig_loss(pred, gt, max_depth, warm_up=iteration < warm_iters, eps=log_eps,
+                                      mean_weight=sigloss_mean_weight)
+            + gradient_weight * gradient_loss(pred, gt, max_depth, eps=log_eps, strides=gradient_strides))

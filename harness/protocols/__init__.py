@@ -2,11 +2,18 @@
 
 Each file ``harness/protocols/<task>/<id>.yaml`` holds ``id``, ``version``, ``task``, ``description``,
 ``source`` (where each constant comes from), ``defaults`` and ``datasets: {name: {...overrides}}``.
-Bump ``version`` on any change that can move a number; results record id and version.
+Bump ``version`` on any change that can move a number; results record id and version
+(``tests/protocols/test_protocol_pins.py`` pins a content hash per id and version).
+
+Every file is checked against its task's typed schema when it is loaded (:mod:`.schema`, one
+``schema_<task>.py`` per task): unknown, missing and mistyped keys are one :class:`ConfigError`
+naming the file and the key.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List
@@ -15,6 +22,7 @@ import yaml
 
 from ..errors import ConfigError
 from ..registry import Registry
+from .schema import check_protocol
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REQUIRED = ("id", "version", "task", "description", "source", "defaults", "datasets")
@@ -32,6 +40,8 @@ class Protocol:
     path: str = ""
     default_for_task: bool = False
     extra: Dict[str, Any] = field(default_factory=dict)
+    #: per dataset: defaults overlaid with its entry, checked against the task's schema
+    resolved: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -44,9 +54,26 @@ class Protocol:
                 f"protocol {self.key} v{self.version} has no entry for dataset {dataset!r}; "
                 f"it covers: {', '.join(sorted(self.datasets))} ({self.path})"
             )
+        if dataset in self.resolved:
+            return copy.deepcopy(self.resolved[dataset])
         out = copy.deepcopy(self.defaults)
         out.update(copy.deepcopy(self.datasets[dataset] or {}))
         return out
+
+
+def content_sha256(path: str) -> str:
+    """sha256 of a protocol file's canonical content: the parsed YAML as sorted-key JSON.
+
+    Comments, key order and layout do not count; any value that changes does (the pin test compares this
+    with ``tests/protocols/protocol_pins.json`` per task, id and version).
+    """
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read protocol file {path}: {e}") from e
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
 def load_protocol_file(path: str) -> Protocol:
@@ -57,14 +84,12 @@ def load_protocol_file(path: str) -> Protocol:
         raise ConfigError(f"cannot read protocol file {path}: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"protocol file {path} must hold a mapping with keys {', '.join(REQUIRED)}")
-    missing = [k for k in REQUIRED if k not in data]
-    if missing:
-        raise ConfigError(f"protocol file {path} lacks {', '.join(missing)}")
-    extra = {k: v for k, v in data.items() if k not in REQUIRED and k != "default"}
-    return Protocol(id=str(data["id"]), version=int(data["version"]), task=str(data["task"]),
-                    description=str(data["description"]).strip(), source=str(data["source"]).strip(),
-                    defaults=dict(data["defaults"] or {}), datasets=dict(data["datasets"] or {}), path=path,
-                    default_for_task=bool(data.get("default", False)), extra=extra)
+    top, resolved = check_protocol(data, path)
+    extra = {k: v for k, v in top.items() if k not in REQUIRED and k != "default"}
+    return Protocol(id=top["id"], version=top["version"], task=top["task"],
+                    description=top["description"].strip(), source=top["source"].strip(),
+                    defaults=dict(top["defaults"]), datasets={k: dict(v or {}) for k, v in top["datasets"].items()},
+                    path=path, default_for_task=top["default"], extra=extra, resolved=resolved)
 
 
 class _ProtocolRegistry(Registry):

@@ -69,7 +69,8 @@ def test_shipped_protocols_hold_the_reference_recipe() -> None:
     s = f.settings("voc21")
     assert f.default_for_task and s["mode"] == "faithful" and f.version >= 1
     assert s["optimizer"]["lr"] == 1e-3 and s["optimizer"]["weight_decay"] == 1e-4
-    assert s["schedule"] == {"policy": "poly", "power": 1.0, "min_lr": 0.0, "warmup_iters": 1500, "warmup_ratio": 1e-6}
+    assert s["schedule"] == {"policy": "poly", "power": 1.0, "min_lr": 0.0, "warmup_iters": 1500, "warmup_ratio": 1e-6,
+                             "momentum": "none"}
     assert (s["max_iters"], s["batch_size"], s["crop_size"], s["slide_crop"], s["slide_stride"]) == \
         (40000, 16, [512, 512], [512, 512], [341, 341])
     assert (s["train_scale"], s["ratio_range"], s["cat_max_ratio"], s["flip_prob"]) == \
@@ -178,7 +179,7 @@ def test_clear_errors(voc, cache_dir, tmp_path) -> None:
     del data["defaults"]["holdout_fraction"]
     with open(bad, "w") as f:
         yaml.safe_dump(data, f)
-    with pytest.raises(ConfigError, match=r"bad\.yaml\) lacks setting\(s\) holdout_fraction"):
+    with pytest.raises(ConfigError, match=r"bad\.yaml: datasets\.\w+: missing key\(s\) holdout_fraction"):
         ev.run(config(voc, bad, str(tmp_path), cache_dir))
 
 

@@ -1,0 +1,78 @@
+"""Schema of ``depth`` protocols: the ``faithful`` DVT NYUv2 recipe and the cached ``fast`` probe."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Literal, Tuple, Union
+
+from ..errors import ConfigError
+from .probe_settings import AdamW, AdamWGrid, ProbeCommon, check_probe_settings
+from .schema import Precision, TaskSchema, register_schema
+
+
+@dataclass(frozen=True)
+class DepthLoss:
+    """sigloss_weight x SigLoss + gradient_weight x GradientLoss (harness/probes/losses.py)."""
+
+    sigloss_weight: float
+    sigloss_mean_weight: float       # sqrt(Var(g) + w mean(g)^2): w = 1 - lambda
+    gradient_weight: float
+    gradient_strides: List[int]      # subsampling strides of the multi-scale gradient loss
+    log_eps: float                   # eps inside log(d + eps) in both losses
+
+
+@dataclass(frozen=True)
+class DepthHead:
+    """Bins head normalisation p = (ReLU(z) + norm_eps) / sum."""
+
+    norm_eps: float
+
+
+@dataclass(frozen=True)
+class DepthCommon(ProbeCommon):
+    depth_rescale_factor: float
+    min_depth: float
+    max_depth: float
+    eigen_crop: bool
+    flip_test: bool
+    n_bins: int
+    upsample: int
+    sigloss_warmup_iters: int
+    loss: DepthLoss
+    head: DepthHead
+
+
+@dataclass(frozen=True)
+class DepthFaithful(DepthCommon):
+    mode: Literal["faithful"]
+    rotate_prob: float
+    rotate_degree: float
+    flip_prob: float
+    color_prob: float
+    gamma_range: Tuple[float, float]
+    brightness_range: Tuple[float, float]
+    color_range: Tuple[float, float]
+    optimizer: AdamW
+    precision: Precision = "fp32"
+
+
+@dataclass(frozen=True)
+class DepthFast(DepthCommon):
+    mode: Literal["fast"]
+    optimizer: AdamWGrid
+    holdout_fraction: float
+    select_metric: Literal["delta1", "delta2", "delta3", "abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog"]
+    precision: Precision = "fp32"
+
+
+@register_schema("depth")
+class DepthSchema(TaskSchema):
+    settings = Union[DepthFaithful, DepthFast]  # chosen by `mode`
+
+    @classmethod
+    def check_settings(cls, settings: Dict[str, Any], where: str) -> None:
+        check_probe_settings(settings, where)
+        if not 0 < settings["min_depth"] < settings["max_depth"]:
+            raise ConfigError(f"{where}: need 0 < min_depth < max_depth, got {settings['min_depth']}, "
+                              f"{settings['max_depth']}")
+        if settings["n_bins"] < 2 or settings["upsample"] < 1 or not settings["loss"]["gradient_strides"]:
+            raise ConfigError(f"{where}: n_bins >= 2, upsample >= 1 and at least one gradient stride are needed")
