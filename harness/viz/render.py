@@ -84,7 +84,8 @@ def write_viz(models: Sequence[DenseModel], image_paths: Sequence[str], images_r
         query = s.query if s.query is not None else default_query(names)
         text = class_queries(models[0], names, proto["templates"], device, s.cache_dir)
         q = encode_query(models[0], query, device)
-        class_names = [n[0] for n in names]
+        # a class with aliases (VOC21's background lists 26 stuff names) shows its first name and the count
+        class_names = [n[0] if len(n) == 1 else f"{n[0]} (+{len(n) - 1})" for n in names]
     notes = ["random-init weights: the pictures say nothing about the methods"] \
         if models[0].backbone.weights_id == "random-init" else []
     taken: set = set()
