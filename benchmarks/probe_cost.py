@@ -200,8 +200,8 @@ def main() -> None:
             f"{fmt_bytes(ev) if ev else '-'} | {r['metric']} {r['metrics'][r['metric']]:.4g} |")
     lines += [
         "",
-        "Cache size at the shipped resolution (computed: C x 37 x 37 tokens x 2 bytes per 512-crop training view, "
-        "probes.md §4.2): ViT-S/14 1.05 MB, ViT-B/14 2.10 MB, ViT-L/14 2.80 MB per image, i.e. VOC train (1,464) "
+        "Cache size at the shipped resolution (computed: C x 37 x 37 tokens x 2 bytes per 512-crop training "
+        "view): ViT-S/14 1.05 MB, ViT-B/14 2.10 MB, ViT-L/14 2.80 MB per image, i.e. VOC train (1,464) "
         "3.1 GB and ADE20K train (20,210) 42.5 GB for ViT-B; NYU 416x544 views (30 x 39 tokens, patch + CLS): "
         "ViT-B 1.80 MB per image.",
         "",

@@ -33,7 +33,8 @@ class _Tasks:
 
 TASKS = _Tasks()
 #: ``harness distill NAME`` -> the module whose ``run(args) -> int`` trains it
-DISTILLERS = {"phreg": "harness.distill.phreg", "dvt": "harness.distill.dvt"}
+DISTILLERS = {"phreg": "harness.distill.phreg", "dvt": "harness.distill.dvt",
+              "unirefiner": "harness.distill.unirefiner"}
 KINDS = ("backbones", "methods", "datasets", "evaluators", "protocols")
 
 
@@ -76,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Evaluate; comma-separated --method/--dataset values run each combination "
                                    "(one --data-root per dataset, comma-separated in the same order).")
     r.add_argument("task", choices=TASKS, metavar="TASK",
-                   help="task: an evaluator's name (harness list evaluators: ovss, linear-seg, depth)")
+                   help="task: an evaluator's name (harness list evaluators: ovss, linear-seg, depth, artifacts)")
     r.add_argument("--backbone", required=True, help="backbone id (harness list backbones)")
     r.add_argument("--method", default="vanilla",
                    help="method name(s), comma-separated; compose parts with + (ttr+naclip, naclip+tta); "
@@ -137,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     fn.add_argument("--batch-size", type=int, default=8)
     _model_options(fn)
 
-    ds = sub.add_parser("distill", help="train a cleaner's weights (PH-Reg student, DVT denoiser) on an image folder",
+    ds = sub.add_parser("distill", help="train a cleaner's weights (PH-Reg student, DVT denoiser, UniRefiner "
+                                        "LoRA) on an image folder",
                         description="Distil a cleaner for a backbone from unlabelled images; the output loads with "
                                     "--method NAME --method-weights FILE.")
     ds.add_argument("cleaner", choices=DISTILLERS, help="what to train")
@@ -153,6 +155,17 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--views", type=int, default=None, help="dvt stage 1: random crops per image (default 768)")
     ds.add_argument("--stage1-steps", type=int, default=None,
                     help="dvt stage 1: fitting steps per batch of images (default 25000); --steps is stage 2's")
+    ds.add_argument("--fill", default=None, help="unirefiner: ring filler zero|uniform|normal (default zero)")
+    ds.add_argument("--ah-layers", default=None, metavar="START-END|off",
+                    help="unirefiner: teacher blocks of the attention-hijack detector (default: by depth, see README)")
+    ds.add_argument("--reference-image", default=None, metavar="FILE",
+                    help="unirefiner: the fixed reference image (default: a generated one)")
+    ds.add_argument("--uniformity", type=float, default=None, help="unirefiner: uniformity strength (default 0.3)")
+    ds.add_argument("--fp-gp-cosine", type=float, default=None, metavar="C",
+                    help="unirefiner: reject fixed-pattern/global-proxy tokens at cosine >= C instead of the recipes' "
+                         "z-score rule (mean + 0.5 std); the authors' code has both modes")
+    ds.add_argument("--lr", type=float, default=None,
+                    help="unirefiner: learning rate at batch 16, scaled by batch/16 (default 1e-4)")
     ds.add_argument("--checkpoint-every", type=int, default=100, help="steps between resumable checkpoints")
     ds.add_argument("--seed", type=int, default=0)
     _model_options(ds)
@@ -193,11 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--split", default=None)
     pr = dsub.add_parser("prepare", help="build derived label maps (coco_object, coco_stuff, context, nyu)")
     pr.add_argument("name", choices=("coco_object", "coco_stuff", "context", "nyu"))
-    pr.add_argument("--root", required=True, help="dataset root (coco_stuff164k, VOCdevkit/VOC2010, or output for nyu)")
+    pr.add_argument("--root", "--out", dest="root", required=True,
+                    help="dataset root (coco_stuff164k, VOCdevkit/VOC2010), or the output folder for nyu")
     pr.add_argument("--json", default=None, help="context: trainval_merged.json; coco_object: instances_val2017.json "
                                                  "for the pycocotools fallback")
     pr.add_argument("--mat", default=None, help="nyu: nyu_depth_v2_labeled.mat")
     pr.add_argument("--splits", default=None, help="nyu: splits.mat (official 795/654 split)")
+    pr.add_argument("--bts-root", default=None, help="nyu: the BTS 'sync' folder; its frames become the train split "
+                                                     "(the depth probes' faithful protocol trains on them)")
+    pr.add_argument("--bts-split", default=None, help="nyu: BTS train_test_inputs/nyudepthv2_train_files_with_gt.txt")
+    pr.add_argument("--copy", action="store_true", help="nyu: copy the BTS files instead of symlinking them")
 
     rep = sub.add_parser("report", help="write results/leaderboard.csv and results/LEADERBOARD.md")
     rep.add_argument("--results-dir", default="results")
@@ -241,22 +259,33 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 def cmd_suite(a: argparse.Namespace) -> int:
     """Expand a suite YAML (task, protocol, backbones, methods, datasets: {name: root}, and optionally
-    method_weights: {backbone: {part: file}}) into runs; one pass per backbone and dataset list."""
+    method_weights: {backbone: {part: file}}) into runs; one pass per backbone and dataset list. A file may hold
+    several suites as YAML documents separated by ``---`` (e.g. one per task); all are checked before any runs."""
     import yaml
 
     from .errors import ConfigError
 
     try:
         with open(a.file) as f:
-            suite = yaml.safe_load(f)
+            suites = [s for s in yaml.safe_load_all(f) if s is not None] or [None]
     except OSError as e:
         raise ConfigError(f"cannot read suite file {a.file}: {e}") from e
     need = ("task", "backbones", "methods", "datasets")
-    if not isinstance(suite, dict) or any(k not in suite for k in need):
-        raise ConfigError(f"suite file {a.file} must define {', '.join(need)} (see configs/)")
-    unknown = set(suite) - {*need, "protocol", "method_weights"}
-    if unknown:
-        raise ConfigError(f"suite file {a.file}: unknown key(s) {', '.join(sorted(unknown))}")
+    for suite in suites:
+        if not isinstance(suite, dict) or any(k not in suite for k in need):
+            raise ConfigError(f"suite file {a.file} must define {', '.join(need)} (see configs/)")
+        unknown = set(suite) - {*need, "protocol", "method_weights"}
+        if unknown:
+            raise ConfigError(f"suite file {a.file}: unknown key(s) {', '.join(sorted(unknown))}")
+    for suite in suites:
+        _run_suite(a, suite)
+    return 0
+
+
+def _run_suite(a: argparse.Namespace, suite: dict) -> None:
+    """The runs of one (checked) suite document."""
+    from .errors import ConfigError
+
     datasets = dict(suite["datasets"])
     for backbone in suite["backbones"]:
         args = ["run", str(suite["task"]), "--backbone", backbone, "--method", ",".join(suite["methods"]),
@@ -279,7 +308,6 @@ def cmd_suite(a: argparse.Namespace) -> int:
         args += [f for f, on in (("--random-init", a.random_init), ("--force", a.force),
                                  ("--no-progress", a.no_progress), ("--download", a.download)) if on]
         cmd_run(build_parser().parse_args(args))
-    return 0
 
 
 def cmd_list(a: argparse.Namespace) -> int:
@@ -296,6 +324,7 @@ def cmd_list(a: argparse.Namespace) -> int:
     for name, obj in reg.items():
         if a.kind == "backbones":
             text = f"{obj.arch} / {obj.weights_tag}: {obj.description}"
+            text += f" [note: {obj.note}]" if obj.note else ""
         elif a.kind == "methods":
             touches = ", ".join(obj.TOUCHES) or "nothing"
             weights = f"; --method-weights {obj.WEIGHTS}" if obj.WEIGHTS else ""
@@ -340,7 +369,8 @@ def cmd_data(a: argparse.Namespace) -> int:
 
         if not a.mat:
             raise DataError("harness data prepare nyu needs --mat nyu_depth_v2_labeled.mat (see README 'Datasets')")
-        summary = prepare_nyu(a.mat, root, a.splits)
+        summary = prepare_nyu(a.mat, root, a.splits, bts_root=a.bts_root and os.path.expanduser(a.bts_root),
+                              bts_split=a.bts_split and os.path.expanduser(a.bts_split), copy=a.copy)
     for k, v in summary.items():
         print(f"{k}: {v}")
     return 0

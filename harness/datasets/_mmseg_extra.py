@@ -7,9 +7,9 @@ and ``harness data verify`` light. :meth:`DatasetSpec.build` imports this module
 The classes live at module level so that DataLoader workers can pickle them.
 
 Both are re-implementations of SCLIP's ``custom_datasets.py`` (wangf3014/SCLIP@d84d4ab), the file that
-every SCLIP-lineage repository copies (reference/ovss.md §2.2). Class names and palettes are taken from
-mmseg's own ``PascalVOCDataset`` / ``COCOStuffDataset`` METAINFO instead of being retyped, so they
-cannot drift from the mmseg classes the other datasets use.
+every SCLIP-lineage repository copies (e.g. sinahmr/NACLIP@0cac3a6, mc-lan/ClearCLIP@ad68a40). Class names
+and palettes are taken from mmseg's own ``PascalVOCDataset`` / ``COCOStuffDataset`` METAINFO instead of
+being retyped, so they cannot drift from the mmseg classes the other datasets use.
 """
 from __future__ import annotations
 
@@ -56,9 +56,9 @@ class COCOObjectDataset(BaseSegDataset):
     """COCO-Object: background + the 80 COCO thing classes, labels ``*_instanceTrainIds.png``.
 
     The label maps come from ``harness data prepare coco_object`` (the GroupViT/SCLIP remap of
-    COCO-Stuff-164k, reference/ovss.md §2.6): 0 = background (all stuff and unlabeled), 1..80 = things in
-    sorted COCO category order, no ignore pixels. SCLIP's class takes no suffix arguments; these
-    accept them (with the same defaults) so that the harness can pass its spec's suffixes.
+    COCO-Stuff-164k, wangf3014/SCLIP@b56bd30 ``datasets/cvt_coco_object.py``): 0 = background (all stuff and
+    unlabeled), 1..80 = things in sorted COCO category order, no ignore pixels. SCLIP's class takes no suffix
+    arguments; these accept them (with the same defaults) so that the harness can pass its spec's suffixes.
     """
 
     METAINFO = dict(

@@ -1,8 +1,8 @@
 """ADE20K (SceneParsing, 150 classes): ``ade20k``.
 
-Layout, val count (2,000) and ``reduce_zero_label=True`` (0 = "other" -> ignored): reference/ovss.md §2.2 and
-§2.8; train count (20,210) for probes: reference/probes.md §4.2
-("ADE20K train (20,210 imgs)").
+Layout, val count (2,000) and ``reduce_zero_label=True`` (0 = "other" -> ignored): the ``ADEChallengeData2016``
+release (Zhou et al., "Scene Parsing through ADE20K Dataset", CVPR 2017) as read by mmseg's ``ADE20KDataset``
+(mmsegmentation v1.2.2, docs/en/user_guides/2_dataset_prepare.md); train count: its ``images/training`` (20,210).
 """
 from __future__ import annotations
 

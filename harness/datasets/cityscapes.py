@@ -1,8 +1,9 @@
 """Cityscapes (19 train ids): ``cityscapes``.
 
-Layout, suffixes and val count (500): reference/ovss.md §2.2; train count (2,975) for probes: reference/probes.md §4.2
-("Cityscapes 2,975 full-res"). Image ids include the city folder (``frankfurt/frankfurt_000000_000294``), which
-:meth:`DatasetSpec.image_ids` keeps as a relative path, exactly like mmseg's recursive file listing.
+Layout, suffixes and counts (2,975 train / 500 val): Cordts et al., "The Cityscapes Dataset", CVPR 2016, and
+mmseg's ``CityscapesDataset`` (mmsegmentation v1.2.2, docs/en/user_guides/2_dataset_prepare.md). Image ids
+include the city folder (``frankfurt/frankfurt_000000_000294``), which :meth:`DatasetSpec.image_ids` keeps as
+a relative path, exactly like mmseg's recursive file listing.
 """
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """COCO-Stuff-164k based datasets: ``coco_object`` (81 classes) and ``coco_stuff164k`` (171 classes).
 
 Both read ``images/val2017`` and ``annotations/val2017`` with every file in the folder (no split file,
-5,000 images): reference/ovss.md §2.2. COCO-Object's ``*_instanceTrainIds.png`` come from the remap of the raw
-COCO-Stuff PNGs (§2.6, ``harness data prepare coco_object``); COCO-Stuff's ``*_labelTrainIds.png`` from
-mmseg's ``tools/dataset_converters/coco_stuff164k.py`` (§2.8, also ``harness data prepare coco_stuff``).
+5,000 images; wangf3014/SCLIP@b56bd30 ``configs/cfg_coco_*.py``). COCO-Object's ``*_instanceTrainIds.png`` come
+from the remap of the raw COCO-Stuff PNGs (SCLIP ``datasets/cvt_coco_object.py``, ``harness data prepare
+coco_object``); COCO-Stuff's ``*_labelTrainIds.png`` from mmseg's ``tools/dataset_converters/coco_stuff164k.py``
+(mmsegmentation v1.2.2, also ``harness data prepare coco_stuff``).
 """
 from __future__ import annotations
 

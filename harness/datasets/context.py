@@ -1,7 +1,8 @@
 """PASCAL Context: ``context60`` (background counted) and ``context59`` (background ignored).
 
 Layout, split file, val count (5,105) and label convention (0 = background, 1..59 classes, written by
-the ``_mapping``/``np.digitize`` converter): reference/ovss.md §2.2 and §2.7. The label maps are not part of
+the ``_mapping``/``np.digitize`` converter): mmsegmentation v1.2.2 ``tools/dataset_converters/pascal_context.py``
+and wangf3014/SCLIP@b56bd30 ``configs/cfg_context{59,60}.py``. The label maps are not part of
 any download; ``harness data prepare context`` builds them from ``trainval_merged.json``.
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@ Layout (mmseg 1.x ``mmseg/datasets/nyu.py`` and ``tools/dataset_converters/nyu.p
     <root>/annotations/{train,test}/<scene>_<NNNNN>.png     depth in millimetres, 16-bit PNG, 0 = invalid
     <root>/nyu_prepare.json                                 what prepare_nyu wrote (sources, counts)
 
-Sources (probes.md §2.4):
+Sources (Silberman et al., ECCV 2012, for the labeled set; Lee et al., BTS, arXiv:1907.10326, for the split files):
 
 * the official labeled set ``nyu_depth_v2_labeled.mat`` (MATLAB v7.3 = HDF5; 1,449 RGB-D frames, 480x640,
   in-painted depth in metres) with the official split ``splits.mat`` (``trainNdxs`` 795 / ``testNdxs`` 654,
@@ -32,17 +32,17 @@ import numpy as np
 from ..registry import DATASETS
 from .base import DatasetSpec, SplitLayout
 
-#: official labeled-set split sizes (probes.md §2.4: splits.mat, 795 train / 654 test)
+#: official labeled-set split sizes (splits.mat of the NYU Depth v2 release: 795 train / 654 test)
 NYU_OFFICIAL_TRAIN = 795
 NYU_OFFICIAL_TEST = 654
 NYU_LABELED_TOTAL = 1449
-#: BTS / toolbox nyu_train.txt line count (probes.md §2.4)
+#: BTS / toolbox nyu_train.txt line count (zhyever/Monocular-Depth-Estimation-Toolbox@d8aff50e splits/nyu_train.txt)
 NYU_BTS_TRAIN = 24231
 #: frame size of the labeled set and of the BTS frames
 NYU_FRAME_HW = (480, 640)
-#: depth PNGs hold millimetres (``depth_scale=1000``, probes.md §2.3 / §2.6)
+#: depth PNGs hold millimetres (``depth_scale=1000``, DVT@82704df evaluation/configs/vitb_nyu_linear_config.py)
 DEPTH_SCALE = 1000.0
-#: NYU's evaluation range is (0.001, 10) m (probes.md §2.5); a prepared map above this is suspicious
+#: NYU's evaluation range is (0.001, 10) m (same config: min_depth/max_depth); a prepared map above this is suspicious
 NYU_MAX_DEPTH_M = 10.0
 #: verify_nyu reads at most this many depth maps per split (every file when the split is smaller)
 VERIFY_SAMPLE = 2000

@@ -1,16 +1,15 @@
 """PASCAL VOC 2012: ``voc21`` (with background) and ``voc20`` (background ignored).
 
-Layout, split file, counts and mmseg classes: reference/ovss.md §2.2 (SCLIP ``configs/cfg_voc21.py`` /
-``cfg_voc20.py``); the 1,464-image ``train.txt`` split used by linear probes: reference/probes.md §1 and
-reference/phreg-dvt.md §2.4
-("Train split = ImageSets/Segmentation/train.txt (1,464 images, no SBD aug)").
+Layout, split file, counts and mmseg classes: wangf3014/SCLIP@b56bd30 ``configs/cfg_voc21.py`` /
+``cfg_voc20.py``; the 1,464-image ``train.txt`` split (no SBD aug) used by linear probes:
+Jiawei-Yang/Denoising-ViT@82704df ``evaluation/configs/vitb_voc2012_linear_config.py``.
 """
 from __future__ import annotations
 
 from ..registry import DATASETS
 from .base import DatasetSpec, SplitLayout
 
-#: where VOC2012 comes from (mmseg docs ``2_dataset_prepare.md``, reference/ovss.md §2.8): standard palette PNGs,
+#: where VOC2012 comes from (mmsegmentation v1.2.2 docs/en/user_guides/2_dataset_prepare.md): standard palette PNGs,
 #: 0 = background, 255 = object boundary (ignored); no SBD augmentation needed.
 _VOC_HOW_TO_GET = (
     "download the PASCAL VOC 2012 trainval archive (VOCtrainval_11-May-2012.tar), extract it and pass its "

@@ -1,6 +1,6 @@
 """Linear-probe monocular depth on NYUv2 (task ``depth``), AdaBins style, as DINOv2 "lin. 1" / DVT.
 
-Head (probes.md §2.1, phreg-dvt.md §2.4): last-layer final-norm patch features of the chosen method
+Head (DVT@82704df vitb_nyu_linear_config.py): last-layer final-norm patch features of the chosen method
 concatenated with the broadcast CLS token, x4 bilinear upsampling, 1x1 conv to 256 bins uniform on
 [0.001, 10] m, p = (ReLU(z) + 0.1) / sum, depth = sum p·bins, resized to the input size. Loss: SigLoss
 (lambda 0.85, warm-up 100 iterations) + 0.5 x a *spatial* multi-scale gradient loss (``probes/losses.py``).

@@ -2,7 +2,7 @@
 
 Protocols (``harness/protocols/linear-seg/*.yaml``):
 
-* ``faithful`` -- the DINOv2/DVT "lin." recipe (probes.md §1.1, phreg-dvt.md §2.4): mmseg's RandomResize
+* ``faithful`` -- the DINOv2/DVT "lin." recipe (DVT@82704df vitb_*_linear_config.py): mmseg's RandomResize
   (0.5-2.0), RandomCrop 512 (cat_max_ratio 0.75), RandomFlip, PhotoMetricDistortion every iteration,
   centre padding to the patch multiple (518 for /14), AdamW 1e-3 / wd 1e-4, poly with 1.5k linear
   warm-up, 40k iterations at global batch 16, sliding-window test 512/341, mmseg IoUMetric semantics.

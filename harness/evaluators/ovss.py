@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
@@ -74,6 +75,7 @@ class OVSSEvaluator(Evaluator):
         base = models[0]
         if not base.spec.has_text:
             raise DataError(f"backbone {cfg.backbone!r} has no text tower; zero-shot segmentation needs a CLIP id")
+        base.backbone.check_text()  # a CLIP id whose weights file had no text tower says which file
         jobs: List[_MethodRun] = []
         records: Dict[int, RunRecord] = {}
         for i, model in enumerate(models):
@@ -93,6 +95,8 @@ class OVSSEvaluator(Evaluator):
             info = ds.get_data_info(i)
             spec.check_label_map(info["img_path"], info["seg_map_path"])
         text = class_queries(base, names, settings["templates"], device, cfg.cache_dir)
+        if cfg.progress and dist.is_main and text.stats.encoded:
+            print(text.stats.summary(), file=sys.stderr)
         indices = list(range(dist.rank, n_total, dist.world_size))
         done = 0 if cfg.force else _load_partials(jobs, dist.rank, dist.world_size, n_total)
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, indices[done:]),
@@ -114,6 +118,7 @@ class OVSSEvaluator(Evaluator):
             rec = make_record(
                 "ovss", res, job.model, cfg, {"mIoU": m["mIoU"], "mAcc": m["mAcc"], "aAcc": m["aAcc"]}, n_total,
                 {**settings, "limit": cfg.limit, "batch_size": bs, "text_cache_hit": text.cache_hit,
+                 "text_encoding": text.stats.as_dict(),
                  "methods_in_pass": [j.method for j in jobs]},
                 ["metrics x100; IoU accumulated over the split, mIoU = nanmean over classes (mmseg IoUMetric)",
                  f"wall time covers the whole pass of {len(jobs)} method(s) sharing the backbone trunk"],

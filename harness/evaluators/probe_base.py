@@ -90,7 +90,7 @@ class ProbeRun:
         return self.cfg.cache_dir or os.path.join(self.cfg.results_dir, "cache")
 
     def cache_fields(self, split: str, view: str, ds: Any, extra: Dict[str, Any]) -> Dict[str, Any]:
-        """What a feature cache's content depends on (probes.md §4.2 / issue: backbone, method, weights hash,
+        """What a feature cache's content depends on (backbone, method, weights hash,
         dataset, resolution), plus the data files themselves (:func:`dataset_fingerprint`)."""
         fields = {"backbone": self.model.spec.id, "method": self.method_name, "method_params": self.model.params,
                   "weights": self.weights_identity, "dataset": self.dataset, "split": split, "view": view,

@@ -1,10 +1,13 @@
 """One configurable last block that covers MaskCLIP, SCLIP, ClearCLIP and NACLIP exactly.
 
-The four training-free CLIP surgeries differ along three axes (ovss.md §1.1 and "Key takeaways" 3):
+The four training-free CLIP surgeries differ along three axes (MaskCLIP, Zhou et al., ECCV 2022,
+arXiv:2112.01071; SCLIP arXiv:2312.01597; ClearCLIP arXiv:2407.12442; NACLIP arXiv:2404.08181):
 the attention kernel, whether the residual is kept and whether the FFN is kept. ``ln_post`` and
 ``proj`` (the backbone's ``finalize``) are applied to all tokens in every method.
 
-Kernels, per head, with ``s = head_dim ** -0.5`` (ovss.md §1.1):
+Kernels, per head, with ``s = head_dim ** -0.5`` (chongzhou96/MaskCLIP@245d31f ``mmseg/models/backbones/vit.py``,
+wangf3014/SCLIP@b56bd30 ``clip/model.py``, mc-lan/ClearCLIP@ad68a40 ``open_clip/transformer.py``,
+sinahmr/NACLIP@0cac3a6 ``clip/model.py``):
 
 * ``qk``        softmax(q kᵀ s)                          -- vanilla attention
 * ``identity``  each token attends only to itself: v     -- MaskCLIP's value path

@@ -2,7 +2,7 @@
 
 NACLIP runs it on the sliding-window logits at the original resolution, before the softmax, with the
 normalised image resized (bilinear) to that resolution, 10 iterations and dilations (8, 16)
-(sinahmr/NACLIP ``naclip.py``: ``pamr_steps=10``, ``pamr_stride=(8, 16)``; ovss.md §1.1).
+(sinahmr/NACLIP@0cac3a6 ``naclip.py``: ``pamr_steps=10``, ``pamr_stride=(8, 16)``).
 
 Per dilation d, every pixel has 8 neighbours at offsets d·(dy, dx), (dy, dx) ∈ {-1, 0, 1}² \\ {(0, 0)},
 read with replicate padding. The affinity to neighbour p is

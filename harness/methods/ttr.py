@@ -10,7 +10,7 @@ non-linearity, before the output projection):
 * sets those units to zero on the patch tokens (CLS and the backbone's own registers are left alone).
 
 This follows the authors' hook (github.com/nickjiang2378/test-time-registers @ cddce29,
-``test-time-registers/shared/hook_fn.py::activate_on_registers``, defaults ``scale=1``,
+``hook_fn.py::activate_on_registers`` in its ``shared`` package, defaults ``scale=1``,
 ``normal_values="zero"``), except that
 ``m`` is taken per image: their hook edits batch element 0 only (their issue #5), so a batch there is not
 the same as the images one at a time; here it is. The added token is not part of the dense output.
@@ -94,7 +94,8 @@ class TTRegisters(Method):
     WEIGHTS = "required"
     WEIGHTS_HELP = ("a register-neuron file (JSON); make one with `harness ttr find-neurons --backbone ID "
                     "--images DIR --out FILE`")
-    # the authors' defaults (test-time-registers/shared/hook_fn.py: one register, scale 1, normal_values "zero")
+    # the authors' defaults (nickjiang2378/test-time-registers@cddce29 hook_fn.py: one register, scale 1,
+    # normal_values "zero")
     CONFIG = {"registers": 1, "position": "after_patches", "positional_embedding": False, "scale": 1.0,
               "patch_values": "zero", "signmax": "per image"}
 

@@ -1,6 +1,6 @@
 """Finding register neurons for test-time registers (Jiang et al., NeurIPS 2025, arXiv:2506.08010).
 
-As the authors' ``test-time-registers/shared/algorithms.py::find_register_neurons`` does
+As the authors' ``algorithms.py::find_register_neurons`` (in the repository's ``shared`` package) does
 (github.com/nickjiang2378/test-time-registers @ cddce29): run images through the plain backbone; mark as
 outliers the tokens (whole sequence, CLS included) whose residual-stream norm after the detection layer
 exceeds a threshold; score every MLP hidden unit of every layer by its mean |activation| (after the

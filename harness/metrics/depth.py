@@ -1,6 +1,6 @@
 """Monocular-depth metrics with the toolbox/DVT/DINOv3 semantics: per image, then averaged over images.
 
-Formulas (probes.md §2.5, Monocular-Depth-Estimation-Toolbox ``depth/core/evaluation/metrics.py``),
+Formulas (zhyever/Monocular-Depth-Estimation-Toolbox@d8aff50e ``depth/core/evaluation/metrics.py``),
 on the valid pixels of one image, d = ground truth, p = prediction (metres):
 
 * delta_i = mean[max(d/p, p/d) < 1.25**i], i = 1, 2, 3 (fractions in [0, 1])
@@ -14,8 +14,8 @@ Aggregation: each metric is computed per image and the dataset value is the ``na
 pixels -- the mismatch behind dinov2 #484. Note mmseg 1.x ``DepthMetric`` uses a different ``silog``
 (factor 0.5, no x100); we follow the toolbox because DVT's numbers come from it.
 
-Valid pixels (NYU, probes.md §2.4 / §2.5): ``min_depth < d < max_depth`` inside the Eigen crop,
-rows 45:471 and columns 41:601 of a 480x640 map.
+Valid pixels (NYU, toolbox ``depth/datasets/nyu.py`` at the same commit): ``min_depth < d < max_depth``
+inside the Eigen crop, rows 45:471 and columns 41:601 of a 480x640 map.
 """
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ DEPTH_METRICS: Tuple[str, ...] = ("delta1", "delta2", "delta3", "abs_rel", "sq_r
 #: lower is better for these (the deltas are higher-is-better)
 LOWER_IS_BETTER = frozenset({"abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog"})
 
-#: Eigen crop for NYU at 480x640: rows 45:471, cols 41:601 (probes.md §2.4, toolbox depth/datasets/nyu.py)
+#: Eigen crop for NYU at 480x640: rows 45:471, cols 41:601
+#: (zhyever/Monocular-Depth-Estimation-Toolbox@d8aff50e depth/datasets/nyu.py)
 EIGEN_CROP: Tuple[int, int, int, int] = (45, 471, 41, 601)
 EIGEN_CROP_SIZE: Tuple[int, int] = (480, 640)
 

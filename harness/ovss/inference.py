@@ -1,6 +1,6 @@
 """Sliding-window dense logits and SCLIP-lineage post-processing, batched across windows and images.
 
-Follows mmseg ``slide_inference`` / SCLIP ``forward_slide`` (ovss.md §2.1 step 5): windows on the grid
+Follows mmseg ``slide_inference`` / SCLIP ``forward_slide`` (SCLIP@b56bd30 clip_segmentor.py): windows on the grid
 ``h_grids = max(H - c + s - 1, 0) // s + 1`` with the last window aligned to the border; per window the
 patch features are L2-normalised, compared (cosine) with the text queries, bilinearly upsampled to the
 window size (``align_corners=False``); window logits are summed and divided by the coverage count; the
@@ -107,7 +107,7 @@ def dense_logits(features: FeatureFn, jobs: Sequence[ImageJob], text: torch.Tens
 
 def postprocess(logits: torch.Tensor, query_class: torch.Tensor, num_classes: int, logit_scale: float,
                 prob_thd: float = 0.0, area_thd: Optional[float] = None) -> torch.Tensor:
-    """(Q, H, W) cosine logits -> (H, W) class indices (SCLIP ``postprocess_result``; ovss.md §2.1 step 6).
+    """(Q, H, W) cosine logits -> (H, W) class indices (wangf3014/SCLIP@b56bd30 ``postprocess_result``).
 
     softmax(τ·cos) over all queries; per class the max over its queries; optional area threshold (a
     non-background class whose predicted area is ≤ area_thd × all non-background predicted area is

@@ -1,10 +1,11 @@
 """Label-map preparation for datasets whose evaluation labels are not part of any download.
 
 * ``prepare_coco_object``: the official COCO-Object labels, i.e. the GroupViT ``cvt_coco_object.py``
-  remap of the raw COCO-Stuff-164k PNGs that every SCLIP-lineage repo ships (reference/ovss.md §2.6).
-* ``prepare_coco_object_from_instances``: a pycocotools fallback from ``instances_val2017.json``
-  (§2.6 "Fallback"); **not** byte-identical to the official labels.
-* ``prepare_coco_stuff``: mmseg's ``tools/dataset_converters/coco_stuff164k.py`` (§2.8).
+  remap of the raw COCO-Stuff-164k PNGs that every SCLIP-lineage repo ships (wangf3014/SCLIP@b56bd30
+  ``datasets/cvt_coco_object.py``).
+* ``prepare_coco_object_from_instances``: our pycocotools fallback from ``instances_val2017.json``;
+  **not** byte-identical to the official labels.
+* ``prepare_coco_stuff``: mmseg's ``tools/dataset_converters/coco_stuff164k.py`` (mmsegmentation v1.2.2).
 * ``prepare_context``: mmseg's ``tools/dataset_converters/pascal_context.py`` (§2.7) without the
   Detail API package (not on PyPI): ``trainval_merged.json`` is read directly, reproducing what
   ``Detail.getMask(img)`` does (zhanghang1989/detail-api ``PythonAPI/detail/__init__.py``).
@@ -39,7 +40,8 @@ from ..errors import DataError
 COCO_STUFF_UNUSED_IDS: Tuple[int, ...] = (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)
 #: raw ids > this value are stuff (and 255 unlabeled); 0..90 are things (GroupViT ``cvt_coco_object.py``)
 COCO_LAST_THING_ID = 90
-#: val2017 image count (reference/ovss.md §2.2); a warning, never an assert (§2.6 "Gotchas")
+#: val2017 image count (COCO 2017 val, 5,000 images; Caesar et al., COCO-Stuff, CVPR 2018, arXiv:1612.03716);
+#: a warning, never an assert (the converter's 123,287-file assert needs train2017 as well)
 COCO_VAL2017_COUNT = 5000
 
 
@@ -181,7 +183,7 @@ def prepare_coco_object(root: str, splits: Sequence[str] = ("val2017",),
                         workers: Optional[int] = None) -> Dict[str, Any]:
     """Write ``annotations/<split>/<id>_instanceTrainIds.png`` from the raw COCO-Stuff-164k PNGs.
 
-    Exactly GroupViT's ``cvt_coco_object.py`` as copied by SCLIP/NACLIP/... (reference/ovss.md §2.6):
+    Exactly GroupViT's ``cvt_coco_object.py`` as copied by SCLIP/NACLIP/... (wangf3014/SCLIP@b56bd30):
     raw id -> mmseg ``clsID_to_trID`` -> +1, and every raw id > 90 (all stuff *and* 255 unlabeled) -> 0,
     so things are 1..80 and there is no ignore label. Differences from the script, on purpose: no
     123,287-file assert (val2017 alone is enough), no image copy, mmengine-free.
@@ -201,7 +203,7 @@ def prepare_coco_stuff(root: str, splits: Sequence[str] = ("val2017",),
                        workers: Optional[int] = None) -> Dict[str, Any]:
     """Write ``annotations/<split>/<id>_labelTrainIds.png`` (171 classes, 255 ignore) from the raw PNGs.
 
-    Same mapping as mmseg's ``tools/dataset_converters/coco_stuff164k.py`` (reference/ovss.md §2.8),
+    Same mapping as mmseg's ``tools/dataset_converters/coco_stuff164k.py`` (mmsegmentation v1.2.2),
     without its 123,287-file assert. Returns the same summary as :func:`prepare_coco_object`.
     """
     return _remap_folder(root, splits, coco_stuff_clsid_to_trid(), "_labelTrainIds.png", "coco_stuff", workers)
@@ -210,7 +212,7 @@ def prepare_coco_stuff(root: str, splits: Sequence[str] = ("val2017",),
 def prepare_coco_object_from_instances(root: str, instances_json: str, split: str = "val2017") -> Dict[str, Any]:
     """Fallback COCO-Object labels from COCO *instance* annotations (pycocotools). NOT byte-identical.
 
-    Use only when the raw COCO-Stuff PNGs are unavailable (reference/ovss.md §2.6 "Fallback"): each
+    Use only when the raw COCO-Stuff PNGs are unavailable: each
     image starts at 0, instances are painted in descending ``area`` order (small objects end on top),
     label = 1 + rank of ``category_id`` in ``sorted(getCatIds())``, ``iscrowd`` regions included.
     Differences from the official remap come from overlap order and crowd handling; compare both on a
@@ -271,7 +273,7 @@ def prepare_coco_object_from_instances(root: str, instances_json: str, split: st
 # PASCAL Context
 # ---------------------------------------------------------------------------------------------
 #: The 60 raw PASCAL-in-Detail category ids kept by PASCAL Context (0 = background), sorted; from mmseg's
-#: ``tools/dataset_converters/pascal_context.py`` ``_mapping`` (reference/ovss.md §2.7). Label = index.
+#: ``tools/dataset_converters/pascal_context.py`` ``_mapping`` (mmsegmentation v1.2.2). Label = index.
 CONTEXT_MAPPING = np.sort(np.array([
     0, 2, 259, 260, 415, 324, 9, 258, 144, 18, 19, 22, 23, 397, 25, 284,
     158, 159, 416, 33, 162, 420, 454, 295, 296, 427, 44, 45, 46, 308, 59,
@@ -279,7 +281,7 @@ CONTEXT_MAPPING = np.sort(np.array([
     85, 347, 220, 349, 360, 98, 187, 104, 105, 366, 189, 368, 113, 115,
 ]))
 _CONTEXT_KEY = np.arange(len(CONTEXT_MAPPING)).astype("uint8")
-#: official val count (reference/ovss.md §2.2/§2.7); a warning when it differs
+#: official val count (PASCAL Context, Mottaghi et al., CVPR 2014: 5,105 val images); a warning when it differs
 CONTEXT_VAL_COUNT = 5105
 
 
@@ -354,7 +356,7 @@ def prepare_context(root: str, json_path: str, splits: Sequence[str] = ("train",
                     workers: Optional[int] = None) -> Dict[str, Any]:
     """Build ``SegmentationClassContext/<id>.png`` (labels 0..59) and ``ImageSets/SegmentationContext/*.txt``.
 
-    Reproduces mmseg's ``tools/dataset_converters/pascal_context.py`` (reference/ovss.md §2.7) without
+    Reproduces mmseg's ``tools/dataset_converters/pascal_context.py`` (mmsegmentation v1.2.2) without
     the Detail API: for each image of the phase, the ``annos_segmentation`` RLEs are painted in file
     order with their raw ``category_id`` (``Detail.getMask``), every value must be one of the 60
     ``_mapping`` ids, and ``np.digitize`` maps them to 0..59 (0 = background).

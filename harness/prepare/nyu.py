@@ -1,7 +1,7 @@
 """NYU Depth v2 preparation: the official ``.mat`` files (and optionally the BTS layout) -> mmseg's layout.
 
 The layout, the sources and the checks of the result are described in :mod:`harness.datasets.nyu`
-(probes.md §2.4); ``harness data prepare nyu`` calls :func:`prepare_nyu`. h5py, scipy and cv2 are
+(with their public sources); ``harness data prepare nyu`` calls :func:`prepare_nyu`. h5py, scipy and cv2 are
 imported where they are needed.
 """
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """Linear probes on frozen dense features: heads, losses, schedules, data, feature cache, training loop.
 
-Two protocols share this code (probes.md §4.2, "practical implication"):
+Two protocols share this code: the published recipe (DINOv2, Oquab et al., arXiv:2304.07193, as configured
+in Jiawei-Yang/Denoising-ViT@82704df ``evaluation/configs``) and a cached-feature variant that records itself
+as a different protocol:
 
 * ``faithful`` -- online features with the DINOv2/DVT augmentations every iteration, one head,
   the published optimiser and schedule (comparable with DINOv2 / DVT / Registers tables);

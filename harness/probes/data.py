@@ -20,7 +20,8 @@ from torch.utils.data import Dataset, Sampler
 
 from ..compat.mmcv_ops import import_mmseg
 
-#: NYUCrop of the toolbox (probes.md §2.4): rows 45:472, cols 43:608 of the 480x640 frame
+#: NYUCrop of zhyever/Monocular-Depth-Estimation-Toolbox@d8aff50e (depth/datasets/pipelines/transforms.py):
+#: rows 45:472, cols 43:608 of the 480x640 frame
 NYU_TRAIN_CROP = (45, 472, 43, 608)
 #: value of padded label pixels (mmseg ``seg_pad_val``); padded depth pixels are 0 (= invalid)
 IGNORE_INDEX = 255
@@ -207,7 +208,7 @@ def collate(samples: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
 
 
 def seg_train_pipeline(aug: Dict[str, Any]) -> List[dict]:
-    """DINOv2/DVT "lin." training pipeline (probes.md §1.1 table, phreg-dvt.md §2.4), from protocol values."""
+    """DINOv2/DVT "lin." training pipeline (DVT@82704df vitb_{voc2012,ade20k}_linear_config.py), protocol values."""
     return [
         dict(type="LoadImageFromFile"),
         dict(type="LoadAnnotations"),
@@ -232,7 +233,7 @@ def seg_fixed_view_pipeline(scale: Sequence[int], crop_size: Sequence[int]) -> L
 
 
 def depth_train_pipeline(aug: Dict[str, Any]) -> List[dict]:
-    """DVT NYU linear training pipeline (probes.md §2.3, phreg-dvt.md §2.4), from protocol values."""
+    """DVT NYU linear training pipeline (DVT@82704df vitb_nyu_linear_config.py), from protocol values."""
     return [
         dict(type="LoadImageFromFile"),
         dict(type="LoadDepthAnnotation", depth_rescale_factor=float(aug["depth_rescale_factor"])),

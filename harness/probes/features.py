@@ -2,7 +2,8 @@
 
 Padding: DVT/DINOv2 register a forward pre-hook ``CenterPadding(patch)`` on the backbone that zero-pads
 the *normalised* image symmetrically up to a multiple of the patch size (512 -> 518 = 37 patches for /14;
-probes.md §1.1, phreg-dvt.md §2.4). The head's output is then resized to the *unpadded* input size
+Jiawei-Yang/Denoising-ViT@82704df ``evaluation/eval_utils/misc.py``). The head's output is then resized to
+the *unpadded* input size
 (mmseg ``encode_decode`` / ``BaseDecodeHead.losses``), i.e. the padded border is stretched over the
 image, not cropped. We do the same so that numbers are comparable.
 """

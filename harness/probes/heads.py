@@ -13,7 +13,9 @@ from torch import nn
 
 #: mmseg BaseDecodeHead init: conv_seg ~ N(0, 0.01), bias 0 (mmseg decode_head.py init_cfg / mmcv normal_init)
 SEG_CONV_INIT_STD = 0.01
-#: AdaBins-style head of DVT's vitb_nyu_linear_config.py / DINOv2 linear_head.py (probes.md §2.1)
+#: AdaBins-style head of DVT's vitb_nyu_linear_config.py / DINOv2 linear_head.py
+#: (Jiawei-Yang/Denoising-ViT@82704df evaluation/configs;
+#: facebookresearch/dinov2@b8931f7b dinov2/eval/depth/models/decode_heads/linear_head.py)
 DEPTH_BINS = 256
 DEPTH_MIN = 1e-3
 DEPTH_MAX = 10.0
@@ -23,7 +25,7 @@ DEPTH_NORM_EPS = 0.1
 
 
 class LinearSegHead(nn.Module):
-    """BN + 1x1 conv on patch features: DINOv2's ``BNHead`` (probes.md §1.1), the probe is W·BN(f) + b.
+    """BN + 1x1 conv on patch features: DINOv2's ``BNHead`` (dinov2@b8931f7b ``linear_head.py``): W·BN(f) + b.
 
     mmseg uses SyncBN over the global batch; a single process uses BatchNorm2d over the same batch,
     which is the same computation when the whole global batch is on one device.
@@ -50,7 +52,7 @@ class DepthBinsHead(nn.Module):
     """×4 bilinear upsampling, 1x1 conv to 256 bins uniform on [0.001, 10] m, linear-normalised expectation.
 
     Input channels are 2·C (patch ⊕ broadcast CLS, :func:`depth_head_input`); no BatchNorm (the line is
-    commented out in DINOv2's depth ``BNHead``, probes.md §2.1). Conv init: PyTorch default, as there.
+    commented out in DINOv2's depth ``BNHead``, dinov2@b8931f7b). Conv init: PyTorch default, as there.
     """
 
     def __init__(self, in_channels: int, n_bins: int = DEPTH_BINS, min_depth: float = DEPTH_MIN,
@@ -79,7 +81,8 @@ class DepthBinsHead(nn.Module):
 class HeadBank(nn.Module):
     """Several independent heads on the same input (the ``fast`` protocol's learning-rate grid).
 
-    DINOv2's classification ``AllClassifiers`` does the same for linear heads (probes.md §4.1).
+    DINOv2's classification ``AllClassifiers`` does the same for linear heads
+    (facebookresearch/dinov2@b8931f7b dinov2/eval/linear.py).
     """
 
     def __init__(self, heads: Sequence[nn.Module]) -> None:

@@ -1,14 +1,15 @@
 """Depth-probe losses: AdaBins SigLoss and the multi-scale log-gradient loss, both over valid pixels.
 
-Sources: DINOv2 ``eval/depth/models/losses/{sigloss,gradientloss}.py`` as used by DVT's NYU linear
-config (probes.md §2.2, phreg-dvt.md §2.4): total = 1.0 x SigLoss(warm-up 100 iterations) + 0.5 x
+Sources: DINOv2 ``eval/depth/models/losses/{sigloss,gradientloss}.py`` (facebookresearch/dinov2@b8931f7b)
+as used by DVT's NYU linear config (Jiawei-Yang/Denoising-ViT@82704df
+``evaluation/configs/vitb_nyu_linear_config.py``): total = 1.0 x SigLoss(warm-up 100 iterations) + 0.5 x
 GradientLoss, with eps = 1e-3 inside the logs and valid = gt > 0 (and gt <= max_depth when given).
 
 The gradient loss here differences the log-error map along the two *spatial* axes at strides 1, 2, 4
 and 6, as its MegaDepth origin, DINOv3 and probe3d do. DINOv2's copy slices the first two dimensions
-of a (B, 1, H, W) tensor, i.e. batch and channel (probes.md §0.5): identically 0 for 2 images per GPU
-and cross-image otherwise. We do not reproduce that bug; ``tests/probes/test_losses.py`` shows the two
-give different answers.
+of a (B, 1, H, W) tensor, i.e. batch and channel (dinov2@b8931f7b ``gradientloss.py``): identically 0
+for 2 images per GPU and cross-image otherwise. We do not reproduce that bug; ``tests/probes/test_losses.py``
+shows the two give different answers.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import torch
 
 #: eps inside log(d + eps) in both losses (DINOv2 sigloss.py / gradientloss.py: "avoid grad explode")
 LOG_EPS = 1e-3
-#: SigLoss: sqrt(Var(g) + 0.15 mean(g)^2), i.e. Eigen's scale-invariant loss with lambda = 0.85 (probes.md §2.2)
+#: SigLoss: sqrt(Var(g) + 0.15 mean(g)^2), i.e. Eigen's scale-invariant loss with lambda = 0.85
+#: (dinov2@b8931f7b eval/depth/models/losses/sigloss.py; Eigen et al., NeurIPS 2014, arXiv:1406.2283)
 SIGLOSS_MEAN_WEIGHT = 0.15
 #: the first 100 iterations use sqrt(0.15 mean(g)^2) only (DINOv2 SigLoss warm_up=True, warm_iter=100)
 SIGLOSS_WARM_ITERS = 100

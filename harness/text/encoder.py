@@ -1,20 +1,28 @@
 """Class-name embeddings for zero-shot segmentation, cached on disk.
 
 Per *name* (not per class): render every template, encode, L2-normalise each prompt embedding,
-average, L2-normalise again (SCLIP ``clip_segmentor.py``; ovss.md §1.3). A class with several names
+average, L2-normalise again (wangf3014/SCLIP@b56bd30 ``clip_segmentor.py``). A class with several names
 contributes several queries; post-processing takes the softmax over all queries, then the max over
 each class's queries.
 
 The cache key covers backbone id, weights hash, method-weights hashes (if any), template set (content hash)
 and the exact name list,
 so a change of any of them re-encodes, and random-init weights never share an entry with real ones.
+
+Below the per-name-list cache sits a per-*prompt* store (same tower identity, any template set or name
+list): a prompt already encoded for another dataset, alias or template set is never encoded again
+(``"a photo of a person."`` is shared by VOC, Context, COCO, ...). What is encoded is sorted by token
+length so that each batch is cut at its own longest prompt (the tower is causal and EOT-pooled, see
+``OpenCLIPBackbone.encode_text``); :class:`TextStats` reports the prompts per second and the tokens spent
+against the 77-token encoding every OVSS repository runs.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -26,6 +34,45 @@ def default_cache_dir() -> str:
     return os.environ.get("HARNESS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "harness"))
 
 
+#: the context length of every CLIP text tower in the harness (open_clip ``context_length``); the
+#: reference OVSS loops encode every prompt at this length
+CONTEXT_LENGTH = 77
+
+
+@dataclass
+class TextStats:
+    """What one encoding cost: prompts rendered, distinct, actually run through the tower, the tokens that
+    run spent (sum over batches of batch size x the batch's longest prompt) against the same prompts at
+    77 tokens each, and the seconds it took."""
+
+    prompts: int = 0
+    distinct: int = 0
+    encoded: int = 0
+    tokens: int = 0
+    tokens_77: int = 0
+    seconds: float = 0.0
+
+    @property
+    def prompts_per_s(self) -> float:
+        return self.encoded / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def token_ratio(self) -> float:
+        """77-token cost / our cost (> 1 means fewer tokens than the reference loop)."""
+        return self.tokens_77 / self.tokens if self.tokens else 0.0
+
+    def as_dict(self) -> Dict[str, float]:
+        return {**asdict(self), "prompts_per_s": round(self.prompts_per_s, 1),
+                "token_ratio": round(self.token_ratio, 3)}
+
+    def summary(self) -> str:
+        if not self.encoded:
+            return f"text: {self.prompts} prompts, all cached"
+        return (f"text: {self.encoded} of {self.prompts} prompts encoded ({self.distinct} distinct) in "
+                f"{self.seconds:.1f} s, {self.prompts_per_s:.0f} prompts/s, {self.tokens} tokens "
+                f"({self.token_ratio:.2f}x fewer than at {CONTEXT_LENGTH})")
+
+
 @dataclass
 class TextQueries:
     """Unit-norm query embeddings (Q, C) and, for each query, the class it belongs to (Q,)."""
@@ -34,6 +81,7 @@ class TextQueries:
     query_class: torch.Tensor
     num_classes: int
     cache_hit: bool = False
+    stats: TextStats = field(default_factory=TextStats)
 
 
 def queries_from_names(names: Sequence[Sequence[str]]) -> tuple:
@@ -58,9 +106,74 @@ def cache_key(backbone_id: str, weights_id: str, template_set: str, names: Seque
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
+class PromptStore:
+    """Unit-norm embeddings of single prompts for one text tower, kept on disk across runs and datasets.
+
+    The file is rewritten atomically after each encoding (a concurrent writer can at worst drop the other's
+    new entries, which are then encoded again; an entry is never torn). ``path=None`` keeps it in memory.
+    """
+
+    def __init__(self, path: Optional[str]) -> None:
+        self.path = path
+        self.entries: Dict[str, torch.Tensor] = {}
+        if path and os.path.isfile(path):
+            try:
+                self.entries = dict(torch.load(path, map_location="cpu", weights_only=True)["prompts"])
+            except Exception:  # a corrupt cache entry is rebuilt, never used
+                self.entries = {}
+
+    def save(self) -> None:
+        if not self.path:
+            return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        tmp = self.path + f".tmp{os.getpid()}"
+        torch.save({"prompts": self.entries}, tmp)
+        os.replace(tmp, self.path)
+
+
+def _tower_key(bb, method_weights: Optional[Dict[str, str]]) -> str:
+    fields = {"backbone": bb.spec.id, "weights": bb.weights_id,
+              "method_weights": dict(sorted((method_weights or {}).items()))}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
+
+
+@torch.inference_mode()
+def encode_prompts(bb, prompts: Sequence[str], device: torch.device, batch_size: int = 512,
+                   store: Optional[PromptStore] = None, stats: Optional[TextStats] = None) -> torch.Tensor:
+    """(len(prompts), C) unit-norm embeddings of single prompts, each distinct prompt encoded at most once.
+
+    Prompts missing from ``store`` are sorted by token length and encoded in batches of ``batch_size``;
+    each batch costs its own longest prompt, not 77 tokens (``bb.encode_text`` cuts the padding).
+    """
+    stats = stats if stats is not None else TextStats()
+    store = store if store is not None else PromptStore(None)
+    distinct = list(dict.fromkeys(prompts))
+    todo = [p for p in distinct if p not in store.entries]
+    stats.prompts += len(prompts)
+    stats.distinct += len(distinct)
+    if todo:
+        t0 = time.perf_counter()
+        tokens = bb.tokenize(todo)
+        lengths = tokens.argmax(dim=-1) + 1  # EOT is the largest id: its position + 1 is the prompt length
+        order = torch.argsort(lengths, stable=True)
+        for i in range(0, len(todo), batch_size):
+            idx = order[i:i + batch_size]
+            e = bb.encode_text(tokens[idx].to(device)).float()
+            e = (e / e.norm(dim=-1, keepdim=True)).cpu()
+            for j, k in enumerate(idx.tolist()):
+                store.entries[todo[k]] = e[j]
+            stats.tokens += len(idx) * int(lengths[idx].max())
+        stats.encoded += len(todo)
+        stats.tokens_77 += len(todo) * CONTEXT_LENGTH
+        stats.seconds += time.perf_counter() - t0
+        store.save()
+    return torch.stack([store.entries[p] for p in prompts]).to(device)
+
+
 @torch.inference_mode()
 def encode_names(model, names: Sequence[str], template_set: str, device: torch.device,
-                 batch_size: int = 512) -> torch.Tensor:
+                 batch_size: int = 512, store: Optional[PromptStore] = None,
+                 stats: Optional[TextStats] = None) -> torch.Tensor:
     """(len(names), C) unit-norm embeddings: mean of the normalised template embeddings, renormalised."""
     bb = model.backbone if hasattr(model, "backbone") else model
     prompts: List[str] = []
@@ -69,12 +182,7 @@ def encode_names(model, names: Sequence[str], template_set: str, device: torch.d
         p = render(template_set, n)
         prompts.extend(p)
         counts.append(len(p))
-    tokens = bb.tokenize(prompts)
-    outs = []
-    for i in range(0, len(prompts), batch_size):
-        e = bb.encode_text(tokens[i:i + batch_size].to(device)).float()
-        outs.append(e / e.norm(dim=-1, keepdim=True))
-    per_prompt = torch.cat(outs)
+    per_prompt = encode_prompts(bb, prompts, device, batch_size, store, stats)
     embs = []
     start = 0
     for c in counts:
@@ -90,18 +198,30 @@ def class_queries(model, names: Sequence[Sequence[str]], template_set: str, devi
     flat, owner = queries_from_names(names)
     bb = model.backbone if hasattr(model, "backbone") else model
     key = cache_key(bb.spec.id, bb.weights_id, template_set, names, getattr(model, "method_weights", None))
-    path = os.path.join(cache_dir or default_cache_dir(), "text", f"{bb.spec.id}-{key}.pt")
+    root = os.path.join(cache_dir or default_cache_dir(), "text")
+    path = os.path.join(root, f"{bb.spec.id}-{key}.pt")
+    stats = TextStats()
+    emb = None
     if use_cache and os.path.isfile(path):
-        emb = torch.load(path, map_location="cpu")["embeddings"]
-        hit = True
-    else:
-        emb = encode_names(model, flat, template_set, device).cpu()
-        hit = False
+        try:
+            emb = torch.load(path, map_location="cpu", weights_only=True)["embeddings"]
+        except Exception:  # a corrupt cache entry is rebuilt, never used
+            emb = None
+        if emb is not None and tuple(emb.shape[:1]) != (len(flat),):
+            emb = None
+    hit = emb is not None
+    if emb is None:
+        mw = getattr(model, "method_weights", None)
+        store = PromptStore(os.path.join(root, "prompts", f"{bb.spec.id}-{_tower_key(bb, mw)}.pt") if use_cache
+                            else None)
+        emb = encode_names(model, flat, template_set, device, store=store, stats=stats).cpu()
         if use_cache:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = path + f".tmp{os.getpid()}"
             torch.save({"embeddings": emb, "names": flat, "backbone": bb.spec.id, "weights": bb.weights_id,
                         "templates": template_set}, tmp)
             os.replace(tmp, path)
+    if hit:
+        stats.prompts = len(flat) * len(render(template_set, "x"))
     return TextQueries(embeddings=emb.to(device), query_class=torch.tensor(owner, device=device),
-                       num_classes=len(names), cache_hit=hit)
+                       num_classes=len(names), cache_hit=hit, stats=stats)

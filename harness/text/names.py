@@ -4,7 +4,7 @@ The files are verbatim copies of the repositories' ``configs/cls_*.txt`` (see ``
 repository, commit and path). They are parsed exactly as the repositories' ``get_cls_idx`` does:
 ``readlines()``, split each line on the set's separator, then delete ``'\\n'``. Nothing is stripped, so
 quirks such as the trailing space of ``wood `` in SCLIP's Context-60 file reach the prompt as they do
-in the original code (shared/reference/ovss.md §2.4).
+in the original code (wangf3014/SCLIP@b56bd30 ``configs/cls_context60.txt``).
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ NAMES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "names")
 
 #: separator between alternative names on one line, per name set.
 #: SCLIP lineage (SCLIP/NACLIP/SC-CLIP/ResCLIP/CASS): ``name_sets[idx].split(', ')``;
-#: ClearCLIP: ``split(',')`` (shared/reference/ovss.md §2.4, ``get_cls_idx`` in each repo's segmentor).
+#: ClearCLIP: ``split(',')`` (``get_cls_idx`` in wangf3014/SCLIP@b56bd30 ``clip_segmentor.py`` and
+#: mc-lan/ClearCLIP@ad68a40 ``clearclip_segmentor.py``).
 SEPARATORS: Dict[str, str] = {"sclip": ", ", "clearclip": ","}
 
 

@@ -2,7 +2,7 @@
 
 The list is taken from open_clip (``open_clip/zero_shot_metadata.py::OPENAI_IMAGENET_TEMPLATES``), which
 holds the same 80 strings, in the same order, as ``prompts/imagenet_template.py::openai_imagenet_template``
-in wangf3014/SCLIP (shared/reference/ovss.md §2.5; checked by tests/text/test_templates.py). The file is
+in wangf3014/SCLIP@b56bd30 (checked by tests/text/test_templates.py). The file is
 loaded on its own, without executing ``open_clip/__init__`` (which imports torch), so that building a
 cache key or listing prompts stays cheap.
 """
@@ -42,7 +42,7 @@ def _openai_imagenet_templates() -> List[str]:
 #: template-set name -> format strings with one ``{}`` slot for the class name
 TEMPLATE_SETS: Dict[str, List[str]] = {
     "openai_imagenet_80": _openai_imagenet_templates(),
-    # GEM's single prompt (WalBouss/GEM; shared/reference/ovss.md §2.5); also a cheap set for CPU tests
+    # GEM's single prompt "a photo of a {}." (WalBouss/GEM@5fa677c); also a cheap set for CPU tests
     "gem_single": ["a photo of a {}."],
 }
 

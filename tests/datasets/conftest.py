@@ -5,7 +5,7 @@ from typing import Any, Dict, List
 
 import pytest
 
-#: the two loading steps of every OVSS test pipeline (reference/ovss.md §2.1), nothing else
+#: the two loading steps of every OVSS test pipeline (SCLIP-lineage configs/cfg_*.py), nothing else
 LOAD_PIPELINE: List[Dict[str, Any]] = [dict(type="LoadImageFromFile"), dict(type="LoadAnnotations")]
 
 

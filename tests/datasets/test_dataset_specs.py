@@ -11,7 +11,8 @@ from harness.errors import DataError
 from harness.registry import DATASETS
 from harness.synthetic.segmentation import SYNTHETIC_NAMES, write_synthetic_dataset
 
-# name -> (key, num_classes, reduce_zero_label, mmseg class, official val count) from reference/ovss.md §2.2
+# name -> (key, num_classes, reduce_zero_label, mmseg class, official val count): wangf3014/SCLIP@b56bd30
+# configs/cfg_*.py and custom_datasets.py, and each dataset's official val split
 EXPECTED = {
     "voc21": ("voc21", 21, False, "PascalVOCDataset", 1449),
     "voc20": ("voc20", 20, True, "PascalVOC20Dataset", 1449),

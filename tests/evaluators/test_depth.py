@@ -1,6 +1,7 @@
 """NYUv2: prepare/verify from a generated labeled .mat (and a BTS layout), and the depth probe end to end."""
 from __future__ import annotations
 
+import json
 import os
 
 import cv2
@@ -10,6 +11,7 @@ import pytest
 import scipy.io
 import torch
 
+from harness.cli import main
 from harness.datasets.nyu import verify_nyu
 from harness.errors import ConfigError, DataError
 from harness.evaluators.base import RunConfig
@@ -126,7 +128,11 @@ def test_bts_training_layout(raw, tmp_path) -> None:
     split = tmp_path / "nyudepthv2_train_files_with_gt.txt"
     split.write_text("\n".join(lines) + "\n")
     out = str(tmp_path / "nyu_bts")
-    summary = prepare_nyu(raw[0], out, raw[1], bts_root=str(sync), bts_split=str(split))
+    # through the command line the depth protocol prints (`harness data prepare nyu --bts-root/--bts-split`)
+    assert main(["data", "prepare", "nyu", "--mat", raw[0], "--splits", raw[1], "--out", out,
+                 "--bts-root", str(sync), "--bts-split", str(split)]) == 0
+    with open(os.path.join(out, "nyu_prepare.json")) as fh:
+        summary = json.load(fh)
     assert summary["train"] == 4 and summary["test"] == 6 and summary["train_source"] == "bts"
     assert sorted(os.listdir(os.path.join(out, "images", "train"))) == [
         "bedroom_0004_00045.jpg", "bedroom_0004_00046.jpg", "kitchen_0028b_00045.jpg", "kitchen_0028b_00046.jpg"]

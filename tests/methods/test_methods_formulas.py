@@ -1,4 +1,4 @@
-"""Each method's dense logits vs an independent re-implementation from the formulas (ovss.md §1).
+"""Each method's dense logits vs an independent re-implementation from the formulas (harness/methods/last_block.py).
 
 The reference below touches only open_clip's raw parameters (conv1, embeddings, in_proj_weight, ...)
 and writes every step of the last block by hand, per head, with explicit loops over heads; it shares

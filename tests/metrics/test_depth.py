@@ -11,7 +11,7 @@ from harness.metrics.depth import DEPTH_METRICS, DepthAccumulator, eigen_crop_ma
 
 
 def numpy_metrics(pred: np.ndarray, gt: np.ndarray) -> dict:
-    """Monocular-Depth-Estimation-Toolbox ``calculate`` restated in numpy (probes.md §2.5)."""
+    """Monocular-Depth-Estimation-Toolbox@d8aff50e ``depth/core/evaluation/metrics.py`` restated in numpy."""
     thresh = np.maximum(gt / pred, pred / gt)
     a1, a2, a3 = ((thresh < 1.25 ** i).mean() for i in (1, 2, 3))
     abs_rel = np.mean(np.abs(gt - pred) / gt)

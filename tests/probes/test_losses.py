@@ -70,7 +70,7 @@ def test_dinov2_batch_channel_slicing_gives_a_different_answer() -> None:
     pred2, gt2 = log_ramp(7, 9, 0.1, batch=2)
     ours = gradient_loss(pred2, gt2).item()
     assert ours > 0.1
-    assert dinov2_gradient_loss(pred2, gt2).item() == 0.0  # probes.md §0.5: identically 0 for B = 2
+    assert dinov2_gradient_loss(pred2, gt2).item() == 0.0  # DINOv2 gradientloss.py: identically 0 for B = 2
     pred3, gt3 = log_ramp(7, 9, 0.1, batch=3)
     single = gradient_loss(*log_ramp(7, 9, 0.1, batch=1)).item()
     # spatial: a batch of copies has the same per-pixel gradients, the sums and N scale together

@@ -1,7 +1,7 @@
 """The ``ovss/phreg`` protocol is PH-Reg's Table S.5 (plus NACLIP's defaults for everything else).
 
 Table S.5 of PH-Reg (arXiv 2505.21501, Appendix C.1, "Dataset specific details for zero-shot
-open-vocabulary semantic segmentation"; shared/seeds/002), copied by hand:
+open-vocabulary semantic segmentation"), copied by hand:
 
     Dataset            VOC21  PC60  Object  VOC20  PC59  Stuff  City  ADE
     Resize resolution    448   448     336    336   448    448   560  448

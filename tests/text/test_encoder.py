@@ -2,7 +2,7 @@
 
 The reference re-derives each query independently: the test renders the prompts itself, runs
 open_clip's own ``model.encode_text`` on the full 77 tokens, normalises every prompt embedding,
-averages and normalises again (SCLIP ``clip_segmentor.py``; ovss.md §1.3). A 3-template set keeps
+averages and normalises again (wangf3014/SCLIP@b56bd30 ``clip_segmentor.py``). A 3-template set keeps
 it fast on CPU; it is registered under its own name, so the 80-template set is never altered.
 """
 from __future__ import annotations

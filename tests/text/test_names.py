@@ -19,7 +19,7 @@ from harness.text.names import (
     name_file_path,
 )
 
-# class counts per dataset (shared/reference/ovss.md §2.2, "#eval classes")
+# class counts per dataset (mmseg dataset classes as configured in wangf3014/SCLIP@b56bd30 configs/cfg_*.py)
 SCLIP_COUNTS = {"voc21": 21, "voc20": 20, "context60": 60, "context59": 59, "coco_object": 81, "coco_stuff": 171,
                 "cityscapes": 19, "ade20k": 150}
 
@@ -92,8 +92,8 @@ def test_clearclip_voc21_uses_plain_names() -> None:
 def test_unknown_set_or_key_lists_what_exists() -> None:
     with pytest.raises(ConfigError, match=r"unknown name set 'nope'.*sclip: .*voc21"):
         load_name_set("nope", "voc21")
-    with pytest.raises(ConfigError, match=r"no file for 'ade20k'.*clearclip: voc21"):
-        load_name_set("clearclip", "ade20k")
+    with pytest.raises(ConfigError, match=r"no file for 'nyu'.*clearclip: ade20k, cityscapes"):
+        load_name_set("clearclip", "nyu")
 
 
 def test_class_count_mismatch_is_an_error() -> None:
@@ -119,3 +119,50 @@ def test_readme_records_every_file_and_its_hash() -> None:
 
 def test_names_dir_is_inside_the_package() -> None:
     assert os.path.dirname(names_mod.__file__) == os.path.dirname(NAMES_DIR)
+
+
+# Full sha256 of each ClearCLIP name file, computed from the git blobs of
+# github.com/mc-lan/ClearCLIP @ ad68a404d55d48d27330b93554eb64a234ff717f, configs/cls_<name>.txt.
+CLEARCLIP_SHA256 = {
+    "voc21": ("265d9ede93be451d724981c5ffde13a8eb3082674e98021aa8d5445f81f4498a", 139),
+    "voc20": ("6b9a85ffb907e34ac920d704a520b45e1424bf96796ca7de5b1823ee202db119", 128),
+    "context60": ("5e620446a8699f292a4c2e37fa8918a33dd4f14713dc1b3f22884d2be68b45a1", 390),
+    "context59": ("cd808465f06a16169edc25580073f0eda347e64f06cc1c2e24acd0b237f6497d", 378),
+    "coco_object": ("1f17b53017e442257cad2025ab981ddeb28d048af00dcac8ae810bc25a6a9a77", 631),
+    "coco_stuff": ("fb98709b9ab1baff4fd930bac4a77772a0458c7d534911de545f9a4081e14a3e", 1374),
+    "cityscapes": ("6f6782fc1bf92bfd9f5562192e92045e0e093870e613f387f6c98fc66d4ceba4", 138),
+    "ade20k": ("e53ded02c488bdb903ef000a2d207e4ac4f2bb4502a72572e4aab7c2504aef3a", 1103),
+}
+
+
+@pytest.mark.parametrize("key", sorted(CLEARCLIP_SHA256))
+def test_clearclip_files_match_the_repository_bytes(key: str) -> None:
+    with open(name_file_path("clearclip", key), "rb") as f:
+        data = f.read()
+    sha, size = CLEARCLIP_SHA256[key]
+    assert len(data) == size and hashlib.sha256(data).hexdigest() == sha
+
+
+def test_all_clearclip_keys_present_with_dataset_class_counts() -> None:
+    assert available_name_sets()["clearclip"] == sorted(SCLIP_COUNTS)
+    for key, n in SCLIP_COUNTS.items():
+        names = load_name_set("clearclip", key)
+        check_class_count(names, n, f"clearclip/{key}")
+        assert all(len(cls) == 1 for cls in names), key  # no file has a comma: one name per class
+
+
+def test_clearclip_background_and_plain_names() -> None:
+    for key in ("voc21", "context60", "coco_object"):
+        assert load_name_set("clearclip", key)[0] == ["background"], key
+    voc21 = load_name_set("clearclip", "voc21")
+    assert load_name_set("clearclip", "voc20") == voc21[1:]
+    obj = load_name_set("clearclip", "coco_object")
+    assert obj[1] == ["person"] and obj[10] == ["traffic light"] and obj[-1] == ["toothbrush"]
+    assert load_name_set("clearclip", "context60")[-1] == ["wood "]  # the trailing space survives here too
+    assert load_name_set("clearclip", "context60")[1:] == load_name_set("clearclip", "context59")[:-1] + [["wood "]]
+
+
+def test_clearclip_separator_does_not_split_sclip_style_lines() -> None:
+    # ClearCLIP's get_cls_idx splits on ',' and keeps the space: 'a, b' -> ['a', ' b'] (hand-computed)
+    assert names_mod.parse_name_lines(["a, b\n", "c"], SEPARATORS["clearclip"]) == [["a", " b"], ["c"]]
+    assert names_mod.parse_name_lines(["a, b\n", "c"], SEPARATORS["sclip"]) == [["a", "b"], ["c"]]
