@@ -172,6 +172,29 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--workers", type=int, default=2, help="data-loading worker processes")
     ds.add_argument("--no-progress", action="store_true")
 
+    vz = sub.add_parser("viz", help="pictures of dense features, one column per method, and an index.html",
+                        description="Per image, side by side for each method (PH-Reg Fig. 1/4 layout): the image, "
+                                    "a PCA (or UMAP) of the dense features fitted jointly over all methods and "
+                                    "images, the token norms and, for CLIP ids, a text query's heatmap and the "
+                                    "predicted segmentation. Writes one PNG per image and OUT/index.html.")
+    vz.add_argument("--backbone", required=True, help="backbone id (harness list backbones)")
+    vz.add_argument("--method", default="vanilla", help="method name(s), comma-separated; compositions with +")
+    vz.add_argument("--images", required=True, metavar="DIR", help="folder of images (searched recursively)")
+    vz.add_argument("--out", required=True, metavar="DIR", help="folder for the PNGs and index.html")
+    vz.add_argument("--query", default=None, help="CLIP ids: the text query of the heatmap row, used verbatim "
+                                                  "(default: 'a photo of a <class 1 of --names>.')")
+    vz.add_argument("--names", default=None, metavar="KEY|FILE",
+                    help="CLIP ids: classes of the segmentation row: a name-set key (voc21, ade20k, ...; "
+                         "default voc21) or a file with one class per line")
+    vz.add_argument("--umap", action="store_true", help="UMAP instead of PCA (needs pip install 'harness[viz]')")
+    vz.add_argument("--resolution", type=int, default=None, help="short side in pixels (default 448)")
+    vz.add_argument("--limit", type=int, default=None, help="first N images only")
+    _model_options(vz)
+    vz.add_argument("--method-weights", default=None, metavar="FILE|PART=FILE,...", help="weights of the method(s)")
+    vz.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="method parameter")
+    vz.add_argument("--cache-dir", default=None, help="text cache (default $HARNESS_CACHE or ~/.cache/harness)")
+    vz.add_argument("--no-progress", action="store_true")
+
     ls = sub.add_parser("list", help="list registered names")
     ls.add_argument("kind", choices=KINDS)
 
@@ -368,6 +391,36 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return run_demo(a.out, a.images, a.device)
 
 
+def cmd_viz(a: argparse.Namespace) -> int:
+    """``harness viz``: build the methods on one backbone (as ``harness run`` does), draw, write the page."""
+    from .errors import ConfigError
+    from .evaluators.base import options_per_method
+    from .image_folder import list_images
+    from .models import attach_method, build_dense_model, parse_method_weights
+    from .runtime import select_device
+    from .viz.features import DEFAULT_RESOLUTION
+    from .viz.render import VizSettings, write_viz
+
+    methods = _split(a.method)
+    if not methods:
+        raise ConfigError("--method: give at least one method (harness list methods)")
+    resolution = a.resolution or DEFAULT_RESOLUTION
+    if resolution < 1:
+        raise ConfigError(f"--resolution {a.resolution}: expected a positive number of pixels")
+    paths = list_images(a.images, a.limit)
+    device = select_device(a.device)
+    opts = options_per_method(methods, _parse_params(a.param), parse_method_weights(a.method_weights))
+    base = build_dense_model(a.backbone, methods[0], opts[0][0], a.weights, opts[0][1], a.random_init,
+                             a.download).to(device)
+    models = [base] + [attach_method(base.backbone, m, p, w).to(device) for m, (p, w) in zip(methods[1:], opts[1:])]
+    settings = VizSettings(projection="umap" if a.umap else "pca", resolution=resolution, names=a.names,
+                           query=a.query, cache_dir=a.cache_dir, show_progress=not a.no_progress,
+                           title=f"harness viz: {a.backbone}")
+    res = write_viz(models, paths, a.images, a.out, device, settings)
+    print(f"wrote {len(res.figures)} figure(s) and {res.index}")
+    return 0
+
+
 def cmd_ttr(a: argparse.Namespace) -> int:
     """``harness ttr find-neurons``: search, write the neuron file, print the ranking."""
     import json
@@ -415,7 +468,7 @@ def cmd_distill(a: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "ttr": cmd_ttr, "distill": cmd_distill, "suite": cmd_suite, "list": cmd_list,
-            "data": cmd_data, "report": cmd_report, "demo": cmd_demo}
+            "data": cmd_data, "report": cmd_report, "demo": cmd_demo, "viz": cmd_viz}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
