@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true")
     r.add_argument("--save-predictions", default=None, metavar="DIR",
                    help="ovss: also write each prediction as a PNG of class indices into DIR")
+    r.add_argument("--on-bad-image", choices=("fail", "skip"), default="fail",
+                   help="a corrupt/truncated image or label map, or one of another size: stop with its name "
+                        "(fail, default) or leave it out, list it in the record and mark the record partial (skip)")
 
     su = sub.add_parser("suite", help="run a matrix of backbones x methods x datasets from a YAML file",
                         description="Run every combination listed in a suite file (see configs/).")
@@ -215,7 +218,7 @@ def cmd_run(a: argparse.Namespace) -> int:
                         allow_download=a.download, device=a.device,
                         batch_size=a.batch_size, num_workers=a.workers, limit=a.limit, results_dir=a.results_dir,
                         cache_dir=a.cache_dir, force=a.force, seed=a.seed, progress=not a.no_progress,
-                        save_predictions=a.save_predictions)
+                        save_predictions=a.save_predictions, on_bad_image=a.on_bad_image)
         for rec in evaluator.run_methods(cfg, methods):  # OVSS: one pass sharing data, text and trunk
             print(format_record(rec))
     return 0
@@ -394,15 +397,33 @@ COMMANDS = {"run": cmd_run, "ttr": cmd_ttr, "distill": cmd_distill, "suite": cmd
             "data": cmd_data, "report": cmd_report, "demo": cmd_demo}
 
 
+def _terminate_like_ctrl_c(signum: int, frame: Any) -> None:  # noqa: ARG001 - signal API
+    """SIGTERM (a scheduler's kill, ``timeout``) takes the Ctrl-C path: partial state is saved, then exit 143."""
+    global _SIGNAL
+    _SIGNAL = signum
+    raise KeyboardInterrupt
+
+
+_SIGNAL = 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    global _SIGNAL
     args = build_parser().parse_args(argv)
     if not getattr(args, "download", False):  # no network must never mean a stalled run (README "Weights")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import signal
+    import threading
+
+    _SIGNAL = 0
+    old_term = None
+    if threading.current_thread() is threading.main_thread():
+        old_term = signal.signal(signal.SIGTERM, _terminate_like_ctrl_c)
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("interrupted: finished records are kept; re-run the same command to resume", file=sys.stderr)
-        return 130
+        return 128 + (_SIGNAL or signal.SIGINT)  # 130 for Ctrl-C, 143 for SIGTERM (shell convention)
     except Exception as e:  # user-facing errors: one message, no traceback unless --debug
         from .errors import HarnessError
         from .registry import RegistryError
@@ -415,6 +436,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"harness: unexpected {type(e).__name__}: {e}\n(run again with --debug for the traceback)",
               file=sys.stderr)
         return 1
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
 
 
 if __name__ == "__main__":  # pragma: no cover
