@@ -63,7 +63,7 @@ def one_error(rc: int, err: str) -> str:
     assert "Traceback" not in err, err
     lines = [ln for ln in err.splitlines() if ln.startswith("harness: error:")]
     assert len(lines) == 1, err
-    assert "unexpected" not in err, err
+    assert "harness: unexpected" not in err, err
     return lines[0]
 
 
