@@ -399,23 +399,22 @@ COMMANDS = {"run": cmd_run, "ttr": cmd_ttr, "distill": cmd_distill, "suite": cmd
 
 def _terminate_like_ctrl_c(signum: int, frame: Any) -> None:  # noqa: ARG001 - signal API
     """SIGTERM (a scheduler's kill, ``timeout``) takes the Ctrl-C path: partial state is saved, then exit 143."""
-    global _SIGNAL
-    _SIGNAL = signum
+    from . import interrupts
+
+    interrupts.note(signum)
     raise KeyboardInterrupt
 
 
-_SIGNAL = 0
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    global _SIGNAL
     args = build_parser().parse_args(argv)
     if not getattr(args, "download", False):  # no network must never mean a stalled run (README "Weights")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import signal
     import threading
 
-    _SIGNAL = 0
+    from . import interrupts
+
+    interrupts.reset()
     old_term = None
     if threading.current_thread() is threading.main_thread():
         old_term = signal.signal(signal.SIGTERM, _terminate_like_ctrl_c)
@@ -423,7 +422,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("interrupted: finished records are kept; re-run the same command to resume", file=sys.stderr)
-        return 128 + (_SIGNAL or signal.SIGINT)  # 130 for Ctrl-C, 143 for SIGTERM (shell convention)
+        return interrupts.exit_status()  # 130 for Ctrl-C, 143 for SIGTERM (shell convention)
     except Exception as e:  # user-facing errors: one message, no traceback unless --debug
         from .errors import HarnessError
         from .registry import RegistryError

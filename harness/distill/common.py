@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 import numpy as np
 import torch
 
+from .. import interrupts
 from ..errors import DataError, WeightsError
 from ..io_safety import atomic_torch_save
 from ..probes.curves import Curves
@@ -135,6 +136,7 @@ class DistillLoop:
                      "curves": self.curves.state()}, self.ckpt_path, "distillation checkpoint")
 
     def _on_signal(self, signum: int, frame: Any) -> None:  # noqa: ARG002 - signal API
+        interrupts.note(signum)
         self._stop = True
 
     def run(self, step_fn: Callable[[int], Dict[str, float]]) -> None:

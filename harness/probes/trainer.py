@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Iterable, Optional, Sequence
 import torch
 from torch import nn
 
+from .. import interrupts
 from ..errors import WeightsError
 from ..io_safety import atomic_torch_save
 from .curves import Curves
@@ -127,6 +128,7 @@ class ProbeTrainer:
             group["betas"] = (self.schedule.beta1(it, self.betas[0]), self.betas[1])
 
     def _on_signal(self, signum: int, frame: Any) -> None:  # noqa: ARG002 - signal API
+        interrupts.note(signum)
         self._stop = True
 
     def fit(self, batches: Callable[[int], Iterable[Any]],
