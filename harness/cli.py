@@ -375,9 +375,9 @@ def cmd_ttr(a: argparse.Namespace) -> int:
            "resolution": a.resolution, "images_folder": os.path.abspath(a.images),
            "source": "harness ttr find-neurons (Jiang et al., Vision Transformers Don't Need Trained Registers, "
                      "NeurIPS 2025, arXiv:2506.08010)"}
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(out, f, indent=1)
+    from .io_safety import atomic_write_text
+
+    atomic_write_text(a.out, json.dumps(out, indent=1), "neuron file")
     print(f"{result.images_with_outliers}/{result.images} images with tokens of norm > {settings.norm_threshold:g} "
           f"after block {model.backbone.block_index(settings.detect_layer)} ({result.outlier_tokens} tokens; "
           f"largest norm {result.max_norm:.1f})")
@@ -389,6 +389,10 @@ def cmd_ttr(a: argparse.Namespace) -> int:
 
 def cmd_distill(a: argparse.Namespace) -> int:
     import importlib
+
+    from .io_safety import ensure_writable_dir
+
+    ensure_writable_dir(os.path.dirname(os.path.abspath(a.out)), "output folder", "--out")  # before training
 
     return int(importlib.import_module(DISTILLERS[a.cleaner]).run(a))
 

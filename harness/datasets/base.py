@@ -127,6 +127,8 @@ class DatasetSpec:
     def check(self, root: str, split: str = "val", check_count: bool = False) -> None:
         """Raise :class:`DataError` listing every problem (used before a run starts)."""
         problems = self.verify(root, split, check_count=check_count)
+        if len(problems) == 1:  # one line when there is one problem (an empty folder, a missing label folder)
+            raise DataError(f"{self.name} at {root!r} is not usable: {problems[0]}")
         if problems:
             raise DataError(f"{self.name} at {root!r} is not usable:\n  - " + "\n  - ".join(problems))
 

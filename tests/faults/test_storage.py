@@ -271,3 +271,18 @@ def test_concurrent_writers_never_tear_a_record(tmp_path) -> None:
     for p in ps:
         p.join()
     assert json.loads(Path(path).read_text())["k"] == 29 and seen > 0 and leftovers(tmp_path) == []
+
+
+def test_read_only_distill_output_folder_fails_before_training(capsys, tmp_path, monkeypatch) -> None:
+    from PIL import Image
+
+    (tmp_path / "im").mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "im" / "a.png")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    _read_only(monkeypatch, out_dir)
+    rc, _, err = run_cli(capsys, ["distill", "phreg", "--backbone", "test-planted-clip", "--random-init", "--images",
+                                  str(tmp_path / "im"), "--out", str(out_dir / "s.pth"), "--steps", "1",
+                                  "--device", "cpu", "--workers", "0", "--no-progress"])
+    line = one_error(rc, err)
+    assert str(out_dir) in line and "--out" in line and "read-only" in line
