@@ -183,7 +183,6 @@ class ProbeEvaluator(Evaluator):
 
     def run(self, cfg: RunConfig) -> RunRecord:
         """Resolve the run, skip it if finished, check the protocol and dataset, then train and test."""
-
         run = start_probe_run(cfg, self.task, default_eval_split=self.default_eval_split)
         if run.existing is not None:
             return run.existing

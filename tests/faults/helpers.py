@@ -84,3 +84,18 @@ def truncate(path: Path, keep: float = 0.5) -> None:
 def corrupt_bytes(path: Path) -> None:
     path.write_bytes(b"this is not an image" * 10)
 
+
+def linear_protocol(path: Path) -> str:
+    """The shipped ``linear-seg/fast`` protocol at CPU size: 12 iterations, no periodic checkpoint."""
+    here = Path(__file__).resolve().parents[2] / "harness" / "protocols" / "linear-seg" / "fast.yaml"
+    data = yaml.safe_load(here.read_text())
+    data["id"] = "faults-linear"
+    data.pop("default", None)
+    data["defaults"].update(test_scale=[448, 112], crop_size=[112, 112], slide_crop=[112, 112],
+                            slide_stride=[75, 75], batch_size=4, holdout_fraction=0.25, max_iters=12,
+                            eval_interval=12, log_interval=2,
+                            checkpoint_interval=100,  # no periodic checkpoint: the signal's is the only one
+                            schedule={"policy": "poly", "power": 1.0, "min_lr": 0.0, "warmup_iters": 2,
+                                      "warmup_ratio": 1e-6})
+    path.write_text(yaml.safe_dump(data))
+    return str(path)

@@ -18,6 +18,7 @@ from harness.results.report import write_report
 from .helpers import (
     copy_without,
     corrupt_bytes,
+    linear_protocol,
     one_error,
     ovss_args,
     records,
@@ -176,3 +177,24 @@ def test_a_skip_run_never_shares_its_record_with_a_fail_run(capsys, setup) -> No
     assert len(paths) == 2
     recs = [json.loads(open(p).read()) for p in paths]
     assert all(r["partial"] is False for r in recs) and recs[0]["metrics"] == recs[1]["metrics"]
+
+
+def test_skip_in_a_probe_run_marks_its_record_partial(capsys, tmp_path) -> None:
+    """linear-seg builds its training and evaluation splits through the same screen."""
+    from harness.synthetic.segmentation import write_demo_voc
+
+    root = write_demo_voc(str(tmp_path / "d"), 8, (96, 128), 0, "train")
+    write_demo_voc(str(tmp_path / "d"), 3, (96, 128), 0, "val")
+    ids = (tmp_path / "d" / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+    bad = tmp_path / "d" / "VOCdevkit" / "VOC2012" / "JPEGImages" / f"{ids[3]}.jpg"
+    truncate(bad, 0.4)
+    args = ["run", "linear-seg", "--backbone", "test-vit-tiny", "--random-init", "--dataset", "voc21", "--data-root",
+            root, "--protocol", linear_protocol(tmp_path / "p.yaml"), "--results-dir", str(tmp_path / "r"),
+            "--cache-dir", str(tmp_path / "c"), "--device", "cpu", "--workers", "0", "--no-progress"]
+    rc, _, err = run_cli(capsys, args)
+    assert str(bad) in one_error(rc, err)
+    rc, _, err = run_cli(capsys, args + ["--on-bad-image", "skip"])
+    assert rc == 0, err
+    (path,) = records(tmp_path / "r")
+    rec = json.loads(open(path).read())
+    assert rec["partial"] is True and [d["image"] for d in rec["skipped_images"]] == [str(bad)]

@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from harness.evaluators import ovss as ovss_mod
 from harness.probes.trainer import ProbeTrainer
 
-from .helpers import one_error, ovss_args, records, run_cli, voc, write_protocol
+from .helpers import linear_protocol, one_error, ovss_args, records, run_cli, voc, write_protocol
 
 
 @pytest.fixture(autouse=True)
@@ -63,27 +62,12 @@ def test_ovss_interrupted_mid_pass_resumes_to_the_same_record(capsys, tmp_path, 
     assert not partial.exists()
 
 
-def _linear_protocol(path: Path) -> str:
-    here = Path(__file__).resolve().parents[2] / "harness" / "protocols" / "linear-seg" / "fast.yaml"
-    data = yaml.safe_load(here.read_text())
-    data["id"] = "faults-linear"
-    data.pop("default", None)
-    data["defaults"].update(test_scale=[448, 112], crop_size=[112, 112], slide_crop=[112, 112],
-                            slide_stride=[75, 75], batch_size=4, holdout_fraction=0.25, max_iters=12,
-                            eval_interval=12, log_interval=2,
-                            checkpoint_interval=100,  # no periodic checkpoint: the signal's is the only one
-                            schedule={"policy": "poly", "power": 1.0, "min_lr": 0.0, "warmup_iters": 2,
-                                      "warmup_ratio": 1e-6})
-    path.write_text(yaml.safe_dump(data))
-    return str(path)
-
-
 def test_probe_sigterm_mid_training_resumes_to_the_same_record(capsys, tmp_path, monkeypatch) -> None:
     from harness.synthetic.segmentation import write_demo_voc
 
     root = write_demo_voc(str(tmp_path / "d"), 12, (96, 128), 0, "train")
     write_demo_voc(str(tmp_path / "d"), 4, (96, 128), 0, "val")
-    proto = _linear_protocol(tmp_path / "p.yaml")
+    proto = linear_protocol(tmp_path / "p.yaml")
 
     def args(results: Path):
         return ["run", "linear-seg", "--backbone", "test-vit-tiny", "--random-init", "--dataset", "voc21",
