@@ -1,7 +1,8 @@
 """The ``harness`` command line: run, list, data, report, demo.
 
 Errors the user can fix (missing data, weights, unknown names, bad options) print one message and exit
-with status 2; a traceback appears only with ``--debug``. Heavy imports (torch, mmseg, open_clip) happen
+with status 2; a traceback appears only with ``--debug``. Ctrl-C and SIGTERM save partial state and exit 130 / 143
+(README "When things go wrong"). Heavy imports (torch, mmseg, open_clip) happen
 inside the commands, so ``harness --help`` is instant.
 """
 from __future__ import annotations
