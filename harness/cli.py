@@ -34,7 +34,8 @@ class _Tasks:
 
 TASKS = _Tasks()
 #: ``harness distill NAME`` -> the module whose ``run(args) -> int`` trains it
-DISTILLERS = {"phreg": "harness.distill.phreg", "dvt": "harness.distill.dvt"}
+DISTILLERS = {"phreg": "harness.distill.phreg", "dvt": "harness.distill.dvt",
+              "unirefiner": "harness.distill.unirefiner"}
 KINDS = ("backbones", "methods", "datasets", "evaluators", "protocols")
 
 
@@ -77,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Evaluate; comma-separated --method/--dataset values run each combination "
                                    "(one --data-root per dataset, comma-separated in the same order).")
     r.add_argument("task", choices=TASKS, metavar="TASK",
-                   help="task: an evaluator's name (harness list evaluators: ovss, linear-seg, depth)")
+                   help="task: an evaluator's name (harness list evaluators: ovss, linear-seg, depth, artifacts)")
     r.add_argument("--backbone", required=True, help="backbone id (harness list backbones)")
     r.add_argument("--method", default="vanilla",
                    help="method name(s), comma-separated; compose parts with + (ttr+naclip, naclip+tta); "
@@ -141,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     fn.add_argument("--batch-size", type=int, default=8)
     _model_options(fn)
 
-    ds = sub.add_parser("distill", help="train a cleaner's weights (PH-Reg student, DVT denoiser) on an image folder",
+    ds = sub.add_parser("distill", help="train a cleaner's weights (PH-Reg student, DVT denoiser, UniRefiner "
+                                        "LoRA) on an image folder",
                         description="Distil a cleaner for a backbone from unlabelled images; the output loads with "
                                     "--method NAME --method-weights FILE.")
     ds.add_argument("cleaner", choices=DISTILLERS, help="what to train")
@@ -157,6 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--views", type=int, default=None, help="dvt stage 1: random crops per image (default 768)")
     ds.add_argument("--stage1-steps", type=int, default=None,
                     help="dvt stage 1: fitting steps per batch of images (default 25000); --steps is stage 2's")
+    ds.add_argument("--fill", default=None, help="unirefiner: ring filler zero|uniform|normal (default zero)")
+    ds.add_argument("--ah-layers", default=None, metavar="START-END|off",
+                    help="unirefiner: teacher blocks of the attention-hijack detector (default: by depth, see README)")
+    ds.add_argument("--reference-image", default=None, metavar="FILE",
+                    help="unirefiner: the fixed reference image (default: a generated one)")
+    ds.add_argument("--uniformity", type=float, default=None, help="unirefiner: uniformity strength (default 0.3)")
+    ds.add_argument("--fp-gp-cosine", type=float, default=None, metavar="C",
+                    help="unirefiner: reject fixed-pattern/global-proxy tokens at cosine >= C instead of the recipes' "
+                         "z-score rule (mean + 0.5 std); the authors' code has both modes")
+    ds.add_argument("--lr", type=float, default=None,
+                    help="unirefiner: learning rate at batch 16, scaled by batch/16 (default 1e-4)")
     ds.add_argument("--checkpoint-every", type=int, default=100, help="steps between resumable checkpoints")
     ds.add_argument("--seed", type=int, default=0)
     _model_options(ds)
@@ -227,22 +240,33 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 def cmd_suite(a: argparse.Namespace) -> int:
     """Expand a suite YAML (task, protocol, backbones, methods, datasets: {name: root}, and optionally
-    method_weights: {backbone: {part: file}}) into runs; one pass per backbone and dataset list."""
+    method_weights: {backbone: {part: file}}) into runs; one pass per backbone and dataset list. A file may hold
+    several suites as YAML documents separated by ``---`` (e.g. one per task); all are checked before any runs."""
     import yaml
 
     from .errors import ConfigError
 
     try:
         with open(a.file) as f:
-            suite = yaml.safe_load(f)
+            suites = [s for s in yaml.safe_load_all(f) if s is not None] or [None]
     except OSError as e:
         raise ConfigError(f"cannot read suite file {a.file}: {e}") from e
     need = ("task", "backbones", "methods", "datasets")
-    if not isinstance(suite, dict) or any(k not in suite for k in need):
-        raise ConfigError(f"suite file {a.file} must define {', '.join(need)} (see configs/)")
-    unknown = set(suite) - {*need, "protocol", "method_weights"}
-    if unknown:
-        raise ConfigError(f"suite file {a.file}: unknown key(s) {', '.join(sorted(unknown))}")
+    for suite in suites:
+        if not isinstance(suite, dict) or any(k not in suite for k in need):
+            raise ConfigError(f"suite file {a.file} must define {', '.join(need)} (see configs/)")
+        unknown = set(suite) - {*need, "protocol", "method_weights"}
+        if unknown:
+            raise ConfigError(f"suite file {a.file}: unknown key(s) {', '.join(sorted(unknown))}")
+    for suite in suites:
+        _run_suite(a, suite)
+    return 0
+
+
+def _run_suite(a: argparse.Namespace, suite: dict) -> None:
+    """The runs of one (checked) suite document."""
+    from .errors import ConfigError
+
     datasets = dict(suite["datasets"])
     for backbone in suite["backbones"]:
         args = ["run", str(suite["task"]), "--backbone", backbone, "--method", ",".join(suite["methods"]),
@@ -265,7 +289,6 @@ def cmd_suite(a: argparse.Namespace) -> int:
         args += [f for f, on in (("--random-init", a.random_init), ("--force", a.force),
                                  ("--no-progress", a.no_progress), ("--download", a.download)) if on]
         cmd_run(build_parser().parse_args(args))
-    return 0
 
 
 def cmd_list(a: argparse.Namespace) -> int:
@@ -282,6 +305,7 @@ def cmd_list(a: argparse.Namespace) -> int:
     for name, obj in reg.items():
         if a.kind == "backbones":
             text = f"{obj.arch} / {obj.weights_tag}: {obj.description}"
+            text += f" [note: {obj.note}]" if obj.note else ""
         elif a.kind == "methods":
             touches = ", ".join(obj.TOUCHES) or "nothing"
             weights = f"; --method-weights {obj.WEIGHTS}" if obj.WEIGHTS else ""

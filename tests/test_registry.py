@@ -167,7 +167,8 @@ def test_every_backbone_spec_is_complete(backbone_id):
     assert spec.arch and spec.description
     assert spec.num_registers >= 0
     if spec.has_text:
-        assert spec.family in ("open_clip", "planted_clip")  # planted: an OpenCLIPBackbone subclass
+        # planted: an OpenCLIPBackbone subclass; open_clip-checkpoint (LaSt-ViT): an OpenCLIPBackbone from a file
+        assert spec.family in ("open_clip", "planted_clip", "open_clip-checkpoint")
     if not backbone_id.startswith("test-"):  # real backbones say where their weights live
         assert spec.hf_hub or spec.url
 

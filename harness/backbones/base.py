@@ -10,7 +10,8 @@ any of them without knowing which library built the model (DEVELOPERS.md "Style"
 * :meth:`Backbone.block` -- block ``i`` as :class:`BlockParts` (norms, qkv, out-projection, MLP with its
   activation module reachable for hooks, layer scales, and the library's own block to run it).
 * :meth:`Backbone.final_norm` and :meth:`Backbone.project` -- the final norm and, for CLIP, ``proj``; both
-  act on *all* tokens. :meth:`Backbone.finalize` is the two together.
+  act on *all* tokens. :meth:`Backbone.finalize` is the two together. :meth:`Backbone.pool` sits between
+  them: it puts the global token at the CLS position (the CLS output, or LaSt-ViT's pooled patches).
 
 The layout travels with the tokens, so nothing slices by a backbone's register count: a method that
 adds a token, a backbone without CLS or with registers are all the same code downstream.
@@ -22,6 +23,9 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+
+from ..errors import WeightsError
+from .pooling import last_pool
 
 #: segment kinds of a layout; tokens added by a method are ``added:<method>``
 CLS, REGISTERS, PATCHES = "cls", "registers", "patches"
@@ -47,6 +51,11 @@ class BackboneSpec:
     has_text: bool = False
     description: str = ""
     paper: str = ""
+    #: caveat shown by ``harness list backbones`` and as a leaderboard footnote (e.g. unofficial weights)
+    note: str = ""
+    #: global token: 0 = the CLS output; k >= 1 = LaSt pooling over the top-k patches per channel
+    #: (:mod:`harness.backbones.pooling`), for backbones trained with it
+    last_k: int = 0
 
     @property
     def mean_255(self) -> List[float]:
@@ -212,6 +221,8 @@ class Backbone(nn.Module):
 
     spec: BackboneSpec
     weights_id: str  # sha256 of the weights file, or "random-init"
+    #: why the text tower is missing although the spec has one (a vision-only weights file), else None
+    text_missing: Optional[str] = None
 
     @property
     def num_blocks(self) -> int:
@@ -235,6 +246,19 @@ class Backbone(nn.Module):
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def pool(self, tokens: Tokens) -> Tokens:
+        """The global token, put at the CLS position of the final-normed tokens (before ``proj``).
+
+        The CLS output as is, unless the spec sets ``last_k``: then the LaSt pooling of the patch tokens
+        (:func:`harness.backbones.pooling.last_pool`), the global token those backbones were trained with.
+        """
+        k, i = int(self.spec.last_k), tokens.layout.cls_index
+        if not k or i is None:
+            return tokens
+        x = tokens.x.clone()
+        x[:, i] = last_pool(tokens.x[:, tokens.layout.patches], k)
+        return tokens.with_x(x)
+
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """CLIP's ``proj`` into the joint space; identity for vision-only backbones."""
         return x
@@ -242,6 +266,11 @@ class Backbone(nn.Module):
     def finalize(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm (+ projection for CLIP) applied to all tokens (B, L, D) -> (B, L, C)."""
         return self.project(self.final_norm(x))
+
+    def check_text(self) -> None:
+        """Raise :class:`WeightsError` when the spec promises a text tower that the weights file lacked."""
+        if self.text_missing:
+            raise WeightsError(self.text_missing)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """Text tower for CLIP ids: token ids (N, 77) -> embeddings (N, C), not normalised."""

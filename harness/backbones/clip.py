@@ -124,6 +124,7 @@ class OpenCLIPBackbone(Backbone):
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         import open_clip
 
+        self.check_text()
         if self._tokenizer is None:
             self._tokenizer = open_clip.get_tokenizer(self.spec.arch)
         return self._tokenizer(list(texts))
@@ -135,6 +136,7 @@ class OpenCLIPBackbone(Backbone):
         ``text_pool_type='argmax'``) sits before the cut, so the result equals the full 77-token pass
         (checked in tests) at a fraction of the cost: prompts are ~10-20 tokens long.
         """
+        self.check_text()
         m = self.model
         if getattr(m, "text_pool_type", None) != "argmax" or getattr(m, "attn_mask", None) is None:
             return m.encode_text(tokens)

@@ -64,14 +64,23 @@ for _spec in (
     BACKBONES.add(_spec.id, _spec)
 
 
-def _create_timm_vit(spec: BackboneSpec) -> nn.Module:
+def _create_timm_vit(spec: BackboneSpec, arch: Optional[str] = None, meta: bool = False) -> nn.Module:
+    """``spec``'s timm ViT (or timm's ``arch``, for specs named after another library's model), seeded.
+
+    ``meta``: tensors without storage, for a model whose every tensor a weights file is about to replace
+    (:func:`_load_timm_weights` assigns them); skips the seconds a ViT-B's random init costs.
+    """
+    import contextlib
+
     import timm
 
     kwargs: Dict[str, Any] = dict(pretrained=False, num_classes=0, dynamic_img_size=True, img_size=spec.native_size)
     kwargs.update(TIMM_MODEL_KWARGS.get(spec.id, {}))
-    with torch.random.fork_rng(devices=[]):
+    if meta:
+        kwargs["weight_init"] = "skip"
+    with torch.random.fork_rng(devices=[]), (torch.device("meta") if meta else contextlib.nullcontext()):
         torch.manual_seed(RANDOM_INIT_SEED)
-        model = timm.create_model(spec.arch, **kwargs)
+        model = timm.create_model(arch or spec.arch, **kwargs)
     n_reg = int(getattr(model, "num_reg_tokens", 0) or 0)
     if n_reg != spec.num_registers or getattr(model, "cls_token", None) is None:
         raise WeightsError(f"backbone {spec.id!r}: timm model {spec.arch} has {n_reg} registers and "
@@ -106,16 +115,22 @@ def _unwrap_dvt_distilled(state: Dict[str, Any], path: str) -> Dict[str, Any]:
     return state
 
 
-def _load_timm_weights(model: nn.Module, spec: BackboneSpec, path: str) -> None:
+def _load_timm_weights(model: nn.Module, spec: BackboneSpec, path: str,
+                       state: Optional[Dict[str, Any]] = None) -> None:
     """Load a timm-format, original DINOv2 or DVT-distilled checkpoint (timm's ``checkpoint_filter_fn`` converts
-    the original DINOv2 layout; :func:`_unwrap_dvt_distilled` strips DVT's ``model.`` prefix)."""
+    the original DINOv2 layout; :func:`_unwrap_dvt_distilled` strips DVT's ``model.`` prefix). ``state``: the
+    file's state dict when a caller has already read and unwrapped it."""
     from timm.models import load_state_dict
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     try:
-        state = _unwrap_dvt_distilled(load_state_dict(path, use_ema=False, weights_only=True), path)
+        if state is None:
+            state = _unwrap_dvt_distilled(load_state_dict(path, use_ema=False, weights_only=True), path)
         state = checkpoint_filter_fn(state, model)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        on_meta = any(p.is_meta for p in model.parameters())  # built by _create_timm_vit(meta=True)
+        if on_meta:  # assigned tensors keep their dtype: float32 like a normally built model (fp16 files exist)
+            state = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in state.items()}
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=on_meta)
     except WeightsError:
         raise
     except Exception as e:  # unreadable file, wrong shapes (another architecture), ...
@@ -125,6 +140,7 @@ def _load_timm_weights(model: nn.Module, spec: BackboneSpec, path: str) -> None:
     # the classifier head is absent by design (num_classes=0); anything else missing is a wrong file
     missing = [k for k in missing if not k.startswith("head.")]
     unexpected = [k for k in unexpected if not k.startswith(("head.", "mask_token"))]
+    missing += [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta and n not in missing]
     if missing or unexpected:
         raise WeightsError(f"--weights {path} does not match {spec.arch} (backbone {spec.id!r}): "
                            f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected "

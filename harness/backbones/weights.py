@@ -2,9 +2,9 @@
 
 Order: ``--weights FILE``; then the local Hugging Face cache (``HF_HUB_CACHE`` / ``HF_HOME`` /
 ``~/.cache/huggingface/hub``), where open_clip and timm put their downloads; then open_clip's URL cache
-(``~/.cache/clip``). Nothing is downloaded unless the user passes ``--download`` (no network must
-never mean a stalled run): without it a missing file is a :class:`WeightsError` naming the cache
-path and the command that fetches the file.
+(``~/.cache/clip``) for open_clip ids, torch hub's checkpoint folder for other files with a URL. Nothing is
+downloaded unless the user passes ``--download`` (no network must never mean a stalled run): without it a
+missing file is a :class:`WeightsError` naming the cache path and the command that fetches the file.
 """
 from __future__ import annotations
 
@@ -28,6 +28,16 @@ def hf_cache_dir() -> str:
 
 def clip_url_cache_dir() -> str:
     return os.path.join(os.path.expanduser("~"), ".cache", "clip")
+
+
+def url_cache_dir(spec: BackboneSpec) -> str:
+    """Where a URL's file is looked for: open_clip's URL cache for open_clip ids, else torch hub's checkpoint
+    folder (``$TORCH_HOME/hub/checkpoints``, where torchvision keeps its downloads)."""
+    if spec.family == "open_clip":
+        return clip_url_cache_dir()
+    import torch.hub
+
+    return os.path.join(torch.hub.get_dir(), "checkpoints")
 
 
 def split_hf_hub(hf_hub: str) -> Tuple[str, List[str]]:
@@ -61,7 +71,7 @@ def find_local_weights(spec: BackboneSpec) -> Optional[str]:
         if p:
             return p
     if spec.url:
-        p = os.path.join(clip_url_cache_dir(), os.path.basename(spec.url))
+        p = os.path.join(url_cache_dir(spec), os.path.basename(spec.url))
         if os.path.isfile(p):
             return p
     return None
@@ -72,7 +82,7 @@ def fetch_command(spec: BackboneSpec) -> str:
     if spec.hf_hub:
         repo, files = split_hf_hub(spec.hf_hub)
         return f"huggingface-cli download {repo} {files[0]}"
-    return f"wget -P {clip_url_cache_dir()} {spec.url}"
+    return f"wget -P {url_cache_dir(spec)} {spec.url}"
 
 
 def resolve_weights(spec: BackboneSpec, weights_file: Optional[str], allow_download: bool) -> str:
@@ -91,7 +101,7 @@ def resolve_weights(spec: BackboneSpec, weights_file: Optional[str], allow_downl
         repo, files = split_hf_hub(spec.hf_hub)
         where.append(f"{os.path.join(hf_cache_dir(), 'models--' + repo.replace('/', '--'))} ({' or '.join(files)})")
     if spec.url:
-        where.append(os.path.join(clip_url_cache_dir(), os.path.basename(spec.url)))
+        where.append(os.path.join(url_cache_dir(spec), os.path.basename(spec.url)))
     raise WeightsError(
         f"no local weights for backbone {spec.id!r} ({spec.arch}, {spec.weights_tag}).\n"
         f"  looked in: {'; '.join(where)}\n"
@@ -115,6 +125,13 @@ def download(spec: BackboneSpec) -> str:
                 except Exception as e:  # try the next candidate file name
                     last = e
             raise WeightsError(f"download of {spec.hf_hub} failed: {last}")
+        if spec.family != "open_clip":
+            import torch.hub
+
+            dest = os.path.join(url_cache_dir(spec), os.path.basename(spec.url))
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            torch.hub.download_url_to_file(spec.url, dest)
+            return dest
         from open_clip.pretrained import download_pretrained_from_url
 
         return download_pretrained_from_url(spec.url, cache_dir=clip_url_cache_dir())

@@ -38,6 +38,8 @@ class DatasetSpec:
 
     #: mmseg dataset class name (registered in mmseg's DATASETS registry)
     mmseg_type: str = ""
+    #: whether the dataset has label maps (False: label-free evaluators only, e.g. ``folder``)
+    labelled: bool = True
     num_classes: int = 0
     reduce_zero_label: bool = False
     img_suffix: str = ".jpg"

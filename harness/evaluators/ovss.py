@@ -87,6 +87,7 @@ class OVSSEvaluator(Evaluator):
         base = models[0]
         if not base.spec.has_text:
             raise DataError(f"backbone {cfg.backbone!r} has no text tower; zero-shot segmentation needs a CLIP id")
+        base.backbone.check_text()  # a CLIP id whose weights file had no text tower says which file
         jobs: List[_MethodRun] = []
         records: Dict[int, RunRecord] = {}
         for i, model in enumerate(models):

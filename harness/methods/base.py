@@ -255,8 +255,8 @@ class DenseModel(nn.Module):
         return tokens
 
     def readout(self, tokens: Tokens) -> DenseFeatures:
-        """Final norm, post-norm maps, projection; added tokens dropped."""
-        out = tokens.with_x(self.vision.final_norm(tokens.x))
+        """Final norm, the backbone's global token, post-norm maps, projection; added tokens dropped."""
+        out = self.vision.pool(tokens.with_x(self.vision.final_norm(tokens.x)))
         for part in self._post_parts:
             out = part.post_norm(self.vision, out)
         return split_features(out.with_x(self.vision.project(out.x)))

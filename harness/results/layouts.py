@@ -22,14 +22,22 @@ PEARSON_DATASETS: Tuple[str, ...] = ("voc21", "context60", "voc20", "context59",
 DATASET_HEADERS: Dict[str, str] = {"voc21": "VOC21", "context60": "PC60", "coco_object": "Object", "voc20": "VOC20",
                                    "context59": "PC59", "coco_stuff164k": "Stuff", "cityscapes": "City",
                                    "ade20k": "ADE", "nyu": "NYUd"}
-METRIC_HEADERS: Dict[str, str] = {"rmse": "RMSE ↓", "abs_rel": "AbsRel ↓", "delta1": "δ1 ↑"}
+METRIC_HEADERS: Dict[str, str] = {"rmse": "RMSE ↓", "abs_rel": "AbsRel ↓", "delta1": "δ1 ↑",
+                                   "outliers_high": "high-norm % ↓", "outliers_low": "low-norm % ↓",
+                                   "norm_cv": "norm CV ↓", "cos_p50": "cos p50 ↑", "cos_p70": "cos p70 ↑",
+                                   "cos_p90": "cos p90 ↑", "cos_p95": "cos p95 ↑", "cos_p99": "cos p99 ↑"}
 #: PH-Reg Table 2, segmentation half and depth half
 LINEAR_SEG_COLUMNS: Tuple[Tuple[str, str], ...] = (("voc21", "mIoU"), ("voc21", "mAcc"), ("ade20k", "mIoU"),
                                                    ("ade20k", "mAcc"))
 DEPTH_COLUMNS: Tuple[Tuple[str, str], ...] = (("nyu", "rmse"), ("nyu", "abs_rel"), ("nyu", "delta1"))
 OVSS_METRIC_ORDER: Tuple[str, ...] = ("mIoU", "mAcc", "aAcc", "pearson")
+#: the label-free columns of ``harness run artifacts``, in reading order (PH-Reg §4.3: norms, then Fig. 5)
+ARTIFACT_METRICS: Tuple[str, ...] = ("outliers_high", "outliers_low", "norm_cv", "cos_p50", "cos_p70", "cos_p90",
+                                     "cos_p95", "cos_p99")
 #: decimals shown per metric (as the papers print them)
-DECIMALS: Dict[str, int] = {"mIoU": 2, "mAcc": 2, "aAcc": 2, "pearson": 3, "rmse": 4, "abs_rel": 4, "delta1": 2}
+DECIMALS: Dict[str, int] = {"mIoU": 2, "mAcc": 2, "aAcc": 2, "pearson": 3, "rmse": 4, "abs_rel": 4, "delta1": 2,
+                            "outliers_high": 2, "outliers_low": 2, "norm_cv": 3, "cos_p50": 3, "cos_p70": 3,
+                            "cos_p90": 3, "cos_p95": 3, "cos_p99": 3}
 #: column order of the tidy leaderboard.csv (one row per record x metric, then the published numbers)
 CSV_COLUMNS: Tuple[str, ...] = (
     "source", "task", "protocol", "protocol_version", "backbone", "weights", "random_init", "method",
@@ -62,6 +70,8 @@ def table_layouts(task: str, present: Iterable[Column]) -> List[Layout]:
             extra = [c for c in present if c[1] == metric and c not in base]
             out.append(Layout(metric, base + extra, base, metric))
         return out
+    if task == "artifacts":
+        return _artifact_layouts(present)
     base = list(LINEAR_SEG_COLUMNS if task == "linear-seg" else DEPTH_COLUMNS if task == "depth" else ())
     extra = [c for c in present if c not in base]
     cols = base + extra
@@ -71,3 +81,17 @@ def table_layouts(task: str, present: Iterable[Column]) -> List[Layout]:
     title = "PH-Reg Table 2 layout" if task in ("linear-seg", "depth") else "all metrics"
     return [Layout(title, cols, [], next(iter(metrics)) if len(metrics) == 1 else None)]
 
+
+
+def _artifact_layouts(present: List[Column]) -> List[Layout]:
+    """``artifacts``: Pearson like PH-Reg Table S.4 (7 datasets + Avg), then one label-free table per dataset."""
+    out = []
+    if any(m == "pearson" for _, m in present):
+        base = [(d, "pearson") for d in PEARSON_DATASETS]
+        out.append(Layout("pearson", base + [c for c in present if c[1] == "pearson" and c not in base], base,
+                          "pearson"))
+    for ds in sorted({d for d, m in present if m != "pearson"}):
+        cols = [(ds, m) for m in ARTIFACT_METRICS if (ds, m) in present]
+        cols += [c for c in present if c[0] == ds and c[1] != "pearson" and c not in cols]
+        out.append(Layout(f"label-free, {DATASET_HEADERS.get(ds, ds)}", cols, [], None))
+    return out

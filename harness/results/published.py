@@ -18,7 +18,7 @@ COLUMNS = ("task", "paper", "table", "protocol", "method", "backbone", "dataset"
            "notes")
 #: columns that must be non-empty in every row (``notes`` may be empty)
 REQUIRED = tuple(c for c in COLUMNS if c != "notes")
-TASKS = ("ovss", "linear-seg", "depth")
+TASKS = ("ovss", "linear-seg", "depth", "artifacts")
 #: the pseudo-dataset holding a table's printed average (kept to show it, never used in arithmetic)
 AVG_DATASET = "avg"
 #: identity of one published number

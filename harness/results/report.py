@@ -93,6 +93,16 @@ def _weights_label(weights: str) -> str:
     return weights if weights == "random-init" else weights[:8]
 
 
+def _backbone_note(backbone: str) -> str:
+    """The caveat a backbone id carries (``BackboneSpec.note``, e.g. unofficial weights); "" for unknown ids."""
+    from ..registry import BACKBONES, RegistryError
+
+    try:
+        return str(getattr(BACKBONES.get(backbone), "note", "") or "")
+    except (RegistryError, ImportError):
+        return ""
+
+
 def _column_header(col: Column, single_metric: bool) -> str:
     ds, metric = col
     name = DATASET_HEADERS.get(ds, ds)
@@ -213,6 +223,8 @@ def _our_table(layout: Layout, rows: List[_Row], task: str, protocol: str,
             any_partial = any(cells[c][2] for c in layout.avg_cols if c in cells)
             line.append(_fmt(a, avg_metric) + (PARTIAL_MARK if a is not None and any_partial else ""))
         body.append(line)
+        if _backbone_note(row.backbone):
+            footnotes.append(f"`{row.backbone}`: {_backbone_note(row.backbone)}")
         if not with_published:
             continue
         matches: Dict[Tuple[str, str], Mapping[Column, float]] = {}
@@ -290,7 +302,7 @@ def _published_tables(task: str, pub: pd.DataFrame) -> List[str]:
 
 
 def _task_order(tasks: Iterable[str]) -> List[str]:
-    known = ["ovss", "linear-seg", "depth"]
+    known = ["ovss", "linear-seg", "depth", "artifacts"]
     return sorted(set(tasks), key=lambda t: (known.index(t) if t in known else len(known), t))
 
 
@@ -307,6 +319,8 @@ def render_markdown(records: Sequence[RunRecord], published: pd.DataFrame, resul
         "percentages, Pearson is in [-1, 1], RMSE in metres.",
         "- OVSS Avg is the mean of the 8 datasets (7 for Pearson, as in PH-Reg Table S.4), shown only when all "
         f"are present, else {DASH}.",
+        "- `artifacts`: outlier shares in % of patch tokens, norm CV, cosine to the view-averaged target at "
+        "percentiles of dissimilarity (README, `harness run artifacts`).",
         "- `↳ published` rows: the same method and backbone in a paper or README, under the same protocol id or one "
         "the protocol's YAML lists in `compare_with`; `↳ Δ` = ours − published (see results/README.md).",
         f"- {PARTIAL_MARK} = partial run (`--limit`, bad images skipped, or fewer images than the official split): "

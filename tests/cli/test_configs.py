@@ -14,10 +14,21 @@ from harness.registry import BACKBONES, DATASETS, EVALUATORS, METHODS
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "*.yaml")))
 
 
+def _suites(path):
+    """The suite documents of a file (several are separated by ``---``)."""
+    with open(path) as f:
+        return [s for s in yaml.safe_load_all(f) if s is not None]
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_suite_file_is_runnable(path):
-    with open(path) as f:
-        suite = yaml.safe_load(f)
+    suites = _suites(path)
+    assert suites
+    for suite in suites:
+        _check_suite(suite)
+
+
+def _check_suite(suite):
     assert set(suite) <= {"task", "protocol", "backbones", "methods", "datasets", "method_weights"}
     EVALUATORS.get(suite["task"])
     proto = get_protocol(suite["task"], suite.get("protocol"))

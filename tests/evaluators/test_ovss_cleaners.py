@@ -67,6 +67,11 @@ def test_one_pass_equals_separate_runs(setup) -> None:
             os.path.basename(glob.glob(os.path.join(both, "runs", "*", "*", f"*__{method}__*.json"))[0])
 
 
+def _name_caches(text_cache) -> list:
+    """The per-name-list text cache files (the per-prompt store lives in its own ``prompts/`` folder)."""
+    return [f for f in os.listdir(text_cache) if f.endswith(".pt")]
+
+
 def test_method_weights_are_part_of_the_identity(setup) -> None:
     s = setup
     results = str(s["tmp"] / "results")
@@ -78,15 +83,15 @@ def test_method_weights_are_part_of_the_identity(setup) -> None:
     assert run(s, results, "ttr", "--method-weights", str(other)) == 0
     recs = load_records(results)
     assert len(recs) == 2 and len({r.method_weights["ttr"] for r in recs}) == 2
-    assert len(os.listdir(text_cache)) == 2
+    assert len(_name_caches(text_cache)) == 2
     # a finished run is found again ...
     assert run(s, results, "ttr", "--method-weights", s["neurons"]) == 0
-    assert len(load_records(results)) == 2 and len(os.listdir(text_cache)) == 2
+    assert len(load_records(results)) == 2 and len(_name_caches(text_cache)) == 2
     # ... but not once the file's bytes change (same neurons, other bytes)
     Path(s["neurons"]).write_text(json.dumps({"backbone": "test-planted-clip",
                                               "neurons": [[PLANTED_LAYER, PLANTED_UNIT]]}, indent=2))
     assert run(s, results, "ttr", "--method-weights", s["neurons"]) == 0
-    assert len(load_records(results)) == 3 and len(os.listdir(text_cache)) == 3
+    assert len(load_records(results)) == 3 and len(_name_caches(text_cache)) == 3
 
 
 def test_feature_cache_keys_include_method_weights(setup) -> None:

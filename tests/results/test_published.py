@@ -28,12 +28,12 @@ def test_default_dir_is_the_checkout_results_published() -> None:
 def test_loads_and_validates() -> None:
     df = load_published()
     assert list(df.columns[:len(COLUMNS)]) == list(COLUMNS)
-    assert set(df["task"]) == {"ovss", "linear-seg", "depth"}
+    assert set(df["task"]) == {"ovss", "linear-seg", "depth", "artifacts"}
     assert set(df["dataset"]) <= DATASETS
     assert set(df["metric"]) <= METRICS
     assert df["value"].dtype == float
     assert (df["citation"].str.len() > 10).all()
-    for task in ("ovss", "linear-seg", "depth"):
+    for task in ("ovss", "linear-seg", "depth", "artifacts"):
         sub = load_published(task)
         assert len(sub) and set(sub["task"]) == {task}
 
@@ -43,6 +43,7 @@ def test_table_row_counts() -> None:
     phreg = df[df["paper"] == "phreg"]
     assert len(phreg[phreg["table"] == "Table 1"]) == 8 * 9  # 8 methods x (8 datasets + Avg)
     assert len(phreg[phreg["table"] == "Table S.4"]) == 5 * 8  # 5 methods x (7 datasets + Avg)
+    assert set(phreg[phreg["table"] == "Table S.4"]["task"]) == {"artifacts"}  # beside `harness run artifacts`
     t2 = phreg[phreg["table"] == "Table 2"]
     assert len(t2) == 16 * 7 and len(t2.groupby(["method", "backbone"])) == 16
     expected = (("sclip", {"sclip"}), ("clearclip", {"clearclip"}), ("naclip", {"naclip", "naclip-paper"}))
