@@ -151,17 +151,40 @@ def screen(spec: Any, ds: Any, on_bad_image: str = "fail") -> List[Dict[str, str
             good.append(i)
         else:
             bad.append({"image": img, "label": ann, "reason": why})
+    _decide(bad, len(good), skip, spec.name)
+    if bad:
+        ds.get_subset_(good)
+    ds.harness_skipped = bad
+    return bad
+
+
+def _decide(bad: List[Dict[str, str]], num_good: int, skip: bool, name: str) -> None:
+    """Fail on the first bad sample, or announce the skip (and fail when nothing is left)."""
     if bad and not skip:
         more = f" ({len(bad) - 1} more bad sample(s) in this split)" if len(bad) > 1 else ""
         raise DataError(f"{bad[0]['reason']}{more}; fix or remove the file, or pass --on-bad-image skip to leave "
                         f"bad samples out (the record is then marked partial)")
     if bad:
-        if not good:
-            raise DataError(f"every one of the {len(bad)} samples of {spec.name} is bad, e.g. {bad[0]['reason']}")
-        ds.get_subset_(good)
-        print(f"harness: skipping {len(bad)} bad sample(s) of {spec.name}, e.g. {bad[0]['reason']}", file=sys.stderr)
-    ds.harness_skipped = bad
-    return bad
+        if not num_good:
+            raise DataError(f"every one of the {len(bad)} samples of {name} is bad, e.g. {bad[0]['reason']}")
+        print(f"harness: skipping {len(bad)} bad sample(s) of {name}, e.g. {bad[0]['reason']}", file=sys.stderr)
+
+
+def screen_images(paths: Sequence[str], on_bad_image: str = "fail", name: str = "folder"
+                  ) -> Tuple[List[str], List[Dict[str, str]]]:
+    """:func:`screen` for an unlabelled list of image files: (good paths, skipped ``{"image", "reason"}``)."""
+    if on_bad_image not in ON_BAD_IMAGE:
+        raise DataError(f"--on-bad-image {on_bad_image!r}: expected one of {', '.join(ON_BAD_IMAGE)}")
+    good: List[str] = []
+    bad: List[Dict[str, str]] = []
+    for p in paths:
+        why = file_problem(p)
+        if why is None:
+            good.append(p)
+        else:
+            bad.append({"image": p, "reason": f"image {p} {why}"})
+    _decide(bad, len(good), on_bad_image == "skip", name)
+    return good, bad
 
 
 def _checked_getitem(base: type):
