@@ -1,7 +1,8 @@
 """The ``harness`` command line: run, list, data, report, demo.
 
 Errors the user can fix (missing data, weights, unknown names, bad options) print one message and exit
-with status 2; a traceback appears only with ``--debug``. Heavy imports (torch, mmseg, open_clip) happen
+with status 2; a traceback appears only with ``--debug``. Ctrl-C and SIGTERM save partial state and exit 130 / 143
+(README "When things go wrong"). Heavy imports (torch, mmseg, open_clip) happen
 inside the commands, so ``harness --help`` is instant.
 """
 from __future__ import annotations
@@ -102,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true")
     r.add_argument("--save-predictions", default=None, metavar="DIR",
                    help="ovss: also write each prediction as a PNG of class indices into DIR")
+    r.add_argument("--on-bad-image", choices=("fail", "skip"), default="fail",
+                   help="a corrupt/truncated image or label map, or one of another size: stop with its name "
+                        "(fail, default) or leave it out, list it in the record and mark the record partial (skip)")
 
     su = sub.add_parser("suite", help="run a matrix of backbones x methods x datasets from a YAML file",
                         description="Run every combination listed in a suite file (see configs/).")
@@ -251,7 +255,7 @@ def cmd_run(a: argparse.Namespace) -> int:
                         allow_download=a.download, device=a.device,
                         batch_size=a.batch_size, num_workers=a.workers, limit=a.limit, results_dir=a.results_dir,
                         cache_dir=a.cache_dir, force=a.force, seed=a.seed, progress=not a.no_progress,
-                        save_predictions=a.save_predictions)
+                        save_predictions=a.save_predictions, on_bad_image=a.on_bad_image)
         for rec in evaluator.run_methods(cfg, methods):  # OVSS: one pass sharing data, text and trunk
             print(format_record(rec))
     return 0
@@ -449,9 +453,9 @@ def cmd_ttr(a: argparse.Namespace) -> int:
            "resolution": a.resolution, "images_folder": os.path.abspath(a.images),
            "source": "harness ttr find-neurons (Jiang et al., Vision Transformers Don't Need Trained Registers, "
                      "NeurIPS 2025, arXiv:2506.08010)"}
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(out, f, indent=1)
+    from .io_safety import atomic_write_text
+
+    atomic_write_text(a.out, json.dumps(out, indent=1), "neuron file")
     print(f"{result.images_with_outliers}/{result.images} images with tokens of norm > {settings.norm_threshold:g} "
           f"after block {model.backbone.block_index(settings.detect_layer)} ({result.outlier_tokens} tokens; "
           f"largest norm {result.max_norm:.1f})")
@@ -464,6 +468,10 @@ def cmd_ttr(a: argparse.Namespace) -> int:
 def cmd_distill(a: argparse.Namespace) -> int:
     import importlib
 
+    from .io_safety import ensure_writable_dir
+
+    ensure_writable_dir(os.path.dirname(os.path.abspath(a.out)), "output folder", "--out")  # before training
+
     return int(importlib.import_module(DISTILLERS[a.cleaner]).run(a))
 
 
@@ -471,15 +479,32 @@ COMMANDS = {"run": cmd_run, "ttr": cmd_ttr, "distill": cmd_distill, "suite": cmd
             "data": cmd_data, "report": cmd_report, "demo": cmd_demo, "viz": cmd_viz}
 
 
+def _terminate_like_ctrl_c(signum: int, frame: Any) -> None:  # noqa: ARG001 - signal API
+    """SIGTERM (a scheduler's kill, ``timeout``) takes the Ctrl-C path: partial state is saved, then exit 143."""
+    from . import interrupts
+
+    interrupts.note(signum)
+    raise KeyboardInterrupt
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if not getattr(args, "download", False):  # no network must never mean a stalled run (README "Weights")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import signal
+    import threading
+
+    from . import interrupts
+
+    interrupts.reset()
+    old_term = None
+    if threading.current_thread() is threading.main_thread():
+        old_term = signal.signal(signal.SIGTERM, _terminate_like_ctrl_c)
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("interrupted: finished records are kept; re-run the same command to resume", file=sys.stderr)
-        return 130
+        return interrupts.exit_status()  # 130 for Ctrl-C, 143 for SIGTERM (shell convention)
     except Exception as e:  # user-facing errors: one message, no traceback unless --debug
         from .errors import HarnessError
         from .registry import RegistryError
@@ -492,6 +517,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"harness: unexpected {type(e).__name__}: {e}\n(run again with --debug for the traceback)",
               file=sys.stderr)
         return 1
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
 
 
 if __name__ == "__main__":  # pragma: no cover

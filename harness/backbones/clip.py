@@ -15,7 +15,7 @@ from ..errors import WeightsError
 from ..registry import BACKBONE_FAMILIES, BACKBONES
 from .base import Backbone, BackboneSpec, BlockParts, TokenLayout, Tokens, attention_qkv_heads
 from .pos_embed import interpolate_patch_pos_embed
-from .weights import sha256_file
+from .weights import error_line, sha256_file
 
 # open_clip.constants.OPENAI_DATASET_MEAN / _STD (the same values every CLIP repo uses)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -71,7 +71,9 @@ class OpenCLIPBackbone(Backbone):
         try:
             model = open_clip.create_model(spec.arch, pretrained=weights_path)
         except Exception as e:  # wrong architecture, truncated file, ...
-            raise WeightsError(f"could not load {weights_path} into {spec.arch} for backbone {spec.id!r}: {e}") from e
+            raise WeightsError(f"--weights {weights_path}: could not load into {spec.arch} for backbone {spec.id!r}: "
+                               f"{error_line(e)}. Expected an open_clip checkpoint of this architecture "
+                               f"(state dict in .bin/.pt/.safetensors, read with weights_only=True)") from e
         return cls(spec, model, sha256_file(weights_path))
 
     # -- vision ------------------------------------------------------------------------------

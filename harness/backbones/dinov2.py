@@ -20,7 +20,7 @@ from torch import nn
 from ..errors import WeightsError
 from ..registry import BACKBONE_FAMILIES, BACKBONES
 from .base import Backbone, BackboneSpec, BlockParts, TokenLayout, Tokens, check_patch_multiple
-from .weights import sha256_file
+from .weights import error_line, sha256_file
 
 # timm.data.constants.IMAGENET_DEFAULT_MEAN / _STD: the mean/std of timm's DINOv2 pretrained cfgs
 # (``vit_*_patch14_dinov2.lvd142m``) and of the DVT/DINOv2 mmseg configs ([123.675, 116.28, 103.53] /
@@ -134,7 +134,8 @@ def _load_timm_weights(model: nn.Module, spec: BackboneSpec, path: str,
     except WeightsError:
         raise
     except Exception as e:  # unreadable file, wrong shapes (another architecture), ...
-        raise WeightsError(f"--weights {path}: could not load into {spec.arch} for backbone {spec.id!r}: {e}. "
+        raise WeightsError(f"--weights {path}: could not load into {spec.arch} for backbone {spec.id!r}: "
+                           f"{error_line(e)}. "
                            f"Pass the timm or original DINOv2 checkpoint of this architecture.") from e
     # the classifier head is absent by design (num_classes=0); anything else missing is a wrong file
     missing = [k for k in missing if not k.startswith("head.")]

@@ -142,6 +142,14 @@ def download(spec: BackboneSpec) -> str:
                            f"for --weights FILE") from e
 
 
+def error_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's text, shortened: loaders' messages (missing-key lists, pickle dumps)
+    can run to pages, and the user needs one line naming the file and what was expected."""
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else type(e).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 def sha256_file(path: str, chunk: int = 1 << 22) -> str:
     """SHA-256 of a file, cached next to nothing: weights are hashed once per run (~1 s per 500 MB)."""
     h = hashlib.sha256()

@@ -12,32 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import DataError
-
-
-def _size_text(shape: Sequence[int]) -> str:
-    return f"{int(shape[0])}x{int(shape[1])} (HxW)"
-
-
-def check_sample_shapes(img_path: str, seg_path: str, img_shape: Sequence[int], seg_shape: Sequence[int]) -> None:
-    """Raise :class:`DataError` when a label map and its image differ in size.
-
-    Why: mmseg resizes predictions back to the *image* size and compares them with the label map
-    pixel by pixel; a label map of another size (wrong file, half-converted folder, EXIF-rotated image)
-    otherwise fails deep inside the metric with a shape error that names neither file.
-    ``img_shape``/``seg_shape`` are (H, W, ...) as loaded (e.g. ``ori_shape`` and ``gt_seg_map.shape``).
-    """
-    ih, iw = int(img_shape[0]), int(img_shape[1])
-    sh, sw = int(seg_shape[0]), int(seg_shape[1])
-    if (ih, iw) == (sh, sw):
-        return
-    hint = ""
-    if (ih, iw) == (sw, sh):
-        hint = " (height and width are swapped: the image probably carries an EXIF rotation tag)"
-    raise DataError(
-        f"label map {seg_path} has size {_size_text((sh, sw))} but its image {img_path} has size "
-        f"{_size_text((ih, iw))}{hint}. Every label map must have exactly its image's size: re-extract or "
-        f"re-generate this label map (and check that the label folder belongs to this image folder)."
-    )
+from .safety import check_sample_shapes, checked, screen
 
 
 @dataclass
@@ -154,6 +129,8 @@ class DatasetSpec:
     def check(self, root: str, split: str = "val", check_count: bool = False) -> None:
         """Raise :class:`DataError` listing every problem (used before a run starts)."""
         problems = self.verify(root, split, check_count=check_count)
+        if len(problems) == 1:  # one line when there is one problem (an empty folder, a missing label folder)
+            raise DataError(f"{self.name} at {root!r} is not usable: {problems[0]}")
         if problems:
             raise DataError(f"{self.name} at {root!r} is not usable:\n  - " + "\n  - ".join(problems))
 
@@ -216,8 +193,14 @@ class DatasetSpec:
         cfg.update(self.extra_kwargs)
         return cfg
 
-    def build(self, root: str, split: str = "val", pipeline: Sequence[dict] = (), limit: Optional[int] = None):
-        """Build the real mmseg dataset for ``split`` under ``root`` (raises :class:`DataError`)."""
+    def build(self, root: str, split: str = "val", pipeline: Sequence[dict] = (), limit: Optional[int] = None,
+              on_bad_image: str = "fail"):
+        """Build the real mmseg dataset for ``split`` under ``root`` (raises :class:`DataError`).
+
+        Every sample is screened first (:func:`harness.datasets.safety.screen`): a bad image or label map
+        fails the build naming the file, or with ``on_bad_image="skip"`` is left out and listed in
+        ``dataset.harness_skipped``; loading errors later name the sample's files too.
+        """
         from ..compat.mmcv_ops import import_mmseg
 
         import_mmseg()
@@ -241,7 +224,8 @@ class DatasetSpec:
             raise DataError(f"mmseg could not open {self.name} at {root!r}: {e}") from e
         if len(ds) == 0:
             raise DataError(f"no {split} images found for {self.name} under {root!r} (expected {self.root_hint})")
-        return ds
+        screen(self, ds, on_bad_image)
+        return checked(self, ds)
 
     @property
     def class_names(self) -> List[str]:

@@ -27,7 +27,9 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 import numpy as np
 import torch
 
+from .. import interrupts
 from ..errors import DataError, WeightsError
+from ..io_safety import atomic_torch_save
 from ..probes.curves import Curves
 from ..probes.trainer import SimulatedKill  # the one kill test hook of every trainer (re-exported)
 from ..runtime import progress
@@ -47,7 +49,11 @@ def files_fingerprint(paths: Sequence[str]) -> str:
 
 
 def _rng_state() -> Dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """RNG states as tensors and plain containers, so a checkpoint loads with ``weights_only=True``."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()),
+             "numpy": [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss),
+                       float(cached)]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -55,28 +61,34 @@ def _rng_state() -> Dict[str, Any]:
 
 def _set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys.numpy(), dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def atomic_save(obj: Any, path: str) -> str:
-    """``torch.save`` to a temporary file, then rename: a kill never leaves a half-written file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-    return path
+def atomic_save(obj: Any, path: str, what: str = "distillation output") -> str:
+    """``torch.save`` to a temporary file, then rename: a kill, a full disk or a second writer never leaves a
+    half-written file (:func:`harness.io_safety.atomic_torch_save`)."""
+    return atomic_torch_save(obj, path, what)
 
 
 def load_checkpoint(path: str) -> Dict[str, Any]:
-    """A checkpoint we wrote (``weights_only=False``: it holds RNG states and optimiser state, and it is ours;
-    files a user brings are always read with ``weights_only=True``)."""
+    """A resumable distillation checkpoint, read with ``torch.load(weights_only=True)`` (tensors and plain
+    containers only: the RNG states are stored as such); anything else is a :class:`WeightsError` naming it."""
+    fix = "delete it to start this distillation over"
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated by a crash outside our atomic write, disk full, ...
-        raise WeightsError(f"{path}: unreadable checkpoint ({e}); delete it to start over") from e
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated by a crash outside our atomic write, another program's file, ...
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise WeightsError(f"distillation checkpoint {path} is unreadable ({reason}); expected a checkpoint "
+                           f"written by `harness distill`: {fix}") from e
+    if not isinstance(state, dict) or not {"fingerprint", "step", "rng", "modules"} <= set(state):
+        raise WeightsError(f"distillation checkpoint {path} is not a `harness distill` checkpoint (expected "
+                           f"fingerprint, step, rng, modules entries): {fix}")
+    return state
 
 
 @dataclass
@@ -121,9 +133,10 @@ class DistillLoop:
     def save(self, step: int) -> None:
         atomic_save({"fingerprint": self.fingerprint, "step": step, "rng": _rng_state(),
                      "modules": {k: v.state_dict() for k, v in self.modules.items()},
-                     "curves": self.curves.state()}, self.ckpt_path)
+                     "curves": self.curves.state()}, self.ckpt_path, "distillation checkpoint")
 
     def _on_signal(self, signum: int, frame: Any) -> None:  # noqa: ARG002 - signal API
+        interrupts.note(signum)
         self._stop = True
 
     def run(self, step_fn: Callable[[int], Dict[str, float]]) -> None:

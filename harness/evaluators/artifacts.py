@@ -20,6 +20,7 @@ backbone trunk through :func:`~harness.ovss.inference.shared_trunk_features`).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -28,8 +29,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..datasets.safety import screen_images
 from ..errors import ConfigError, DataError
 from ..image_folder import load_image
+from ..io_safety import file_lock
 from ..methods.pamr import pamr
 from ..methods.tta import View, apply_view, source_positions, view_plan
 from ..metrics.artifacts import (
@@ -47,7 +50,18 @@ from ..results.record import RunRecord, write_record
 from ..runtime import progress, select_device
 from ..text.encoder import TextQueries, class_queries
 from ..text.names import check_class_count, load_name_set
-from .base import Evaluator, Resolved, RunConfig, build_models, finished, identify, make_record, resolve
+from .base import (
+    Evaluator,
+    Identity,
+    Resolved,
+    RunConfig,
+    build_models,
+    finished,
+    identify,
+    make_record,
+    resolve,
+    skipped_samples,
+)
 from .ovss import mmseg_pipeline, normalise
 
 #: images per loader step; their views are pooled into backbone batches of ``batch_size`` images
@@ -236,12 +250,28 @@ class ArtifactsEvaluator(Evaluator):
         if not jobs:
             return [records[i] for i in range(len(models))]
 
+        with contextlib.ExitStack() as locks:  # a second run of the same records waits, then reads them back
+            for job in sorted(jobs, key=lambda j: j.path):
+                locks.enter_context(file_lock(job.path, "run record"))
+            for job in list(jobs):
+                done_rec = finished(Identity(job.key, job.path), cfg)
+                if done_rec is not None:
+                    records[job.index] = done_rec
+                    jobs.remove(job)
+            if jobs:
+                self._pass(cfg, res, jobs, records, base, device)
+        return [records[i] for i in range(len(models))]
+
+    def _pass(self, cfg: RunConfig, res: Resolved, jobs: List[_Job], records: Dict[int, RunRecord], base,
+              device: torch.device) -> None:
+        """Measure every image once for every method of ``jobs``; write their records into ``records``."""
+        settings, spec = res.settings, res.spec
         t0 = time.time()
         labelled = bool(getattr(spec, "labelled", True))
         pear = self._pearson_setup(res, base, cfg, device) if labelled and base.spec.has_text else None
         patch = base.spec.patch_size
         size = input_size(settings, patch, res.where)
-        items = self._items(res, cfg, pear, size, base.spec)
+        items, skipped = self._items(res, cfg, pear, size, base.spec)
         n_total = len(items)
         grid = (size // patch, size // patch)
         views = view_plan(grid, int(settings["views"]), float(settings["shift_frac"]), float(settings["flip_prob"]),
@@ -278,12 +308,11 @@ class ArtifactsEvaluator(Evaluator):
                              text_cache_hit=pear.text.cache_hit, pearson_images=len(job.stats.pearson),
                              pearson_unscored_images=job.stats.pearson_unscored)
             rec = make_record("artifacts", res, job.model, cfg, metrics, n_total, {**settings, **extra}, notes, t0,
-                              device)
+                              device, skipped=skipped)
             write_record(rec, job.path)
             if os.path.isfile(job.partial):
                 os.remove(job.partial)
             records[job.index] = rec
-        return [records[i] for i in range(len(models))]
 
     # -- set-up --------------------------------------------------------------------------------------
     @staticmethod
@@ -304,16 +333,16 @@ class ArtifactsEvaluator(Evaluator):
         return _Pearson(st, ovss.id, ovss.version, text, res.spec.num_classes)
 
     @staticmethod
-    def _items(res: Resolved, cfg: RunConfig, pear: Optional[_Pearson], size: int, bspec) -> _Items:
+    def _items(res: Resolved, cfg: RunConfig, pear: Optional[_Pearson], size: int, bspec
+               ) -> Tuple[_Items, List[Dict[str, str]]]:
+        """The images to measure and the bad ones ``--on-bad-image skip`` left out (screened before any work)."""
         spec = res.spec
         if not getattr(spec, "labelled", True):
-            return _Items(spec.image_paths(cfg.data_root, cfg.limit), None, size, bspec.mean, bspec.std)
-        ds = spec.build(cfg.data_root, cfg.split, mmseg_pipeline(pear.settings) if pear else [], limit=cfg.limit)
-        if pear is not None:
-            for i in range(len(ds)):  # file headers only: a bad label map fails now, not after an hour
-                info = ds.get_data_info(i)
-                spec.check_label_map(info["img_path"], info["seg_map_path"])
-        return _Items(None, ds, size, bspec.mean, bspec.std)
+            paths, skipped = screen_images(spec.image_paths(cfg.data_root, cfg.limit), cfg.on_bad_image, spec.name)
+            return _Items(paths, None, size, bspec.mean, bspec.std), skipped
+        ds = spec.build(cfg.data_root, cfg.split, mmseg_pipeline(pear.settings) if pear else [], limit=cfg.limit,
+                        on_bad_image=cfg.on_bad_image)
+        return _Items(None, ds, size, bspec.mean, bspec.std), skipped_samples(ds)
 
     # -- the pass ----------------------------------------------------------------------------------
     def _loop(self, loader, jobs: List[_Job], views: List[View], settings: Dict[str, Any], pear: Optional[_Pearson],

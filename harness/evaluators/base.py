@@ -20,7 +20,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..datasets.safety import ON_BAD_IMAGE
 from ..errors import ConfigError
+from ..io_safety import ensure_writable_dir
 from ..methods.base import DenseModel, split_composition
 from ..models import attach_method, build_dense_model, canonical_method
 from ..protocols import Protocol, get_protocol
@@ -55,6 +57,7 @@ class RunConfig:
     seed: int = 0
     progress: bool = True
     save_predictions: Optional[str] = None  # folder for per-image prediction PNGs (label indices)
+    on_bad_image: str = "fail"  # "skip": leave unreadable samples out, list them, mark the record partial
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -79,6 +82,9 @@ def resolve(cfg: RunConfig, task: str, methods: Sequence[str], default_split: Op
     """Check names and load the protocol. ``default_split`` replaces ``cfg.split`` when the dataset lacks
     it and the user did not choose it (NYU has train/test, the CLI's default split is val)."""
     BACKBONES.get(cfg.backbone)  # unknown names fail before any work
+    if cfg.on_bad_image not in ON_BAD_IMAGE:
+        raise ConfigError(f"--on-bad-image {cfg.on_bad_image!r}: expected one of {', '.join(ON_BAD_IMAGE)}")
+    ensure_writable_dir(cfg.results_dir, "results folder", "--results-dir")  # read-only: fail now, not at the end
     canonical = [canonical_method(m) for m in methods]
     protocol = get_protocol(task, cfg.protocol)
     if protocol.task != task:
@@ -160,7 +166,8 @@ def identify(task: str, res: Resolved, model: DenseModel, cfg: RunConfig, seed: 
     """Run key and record path of ``model`` under ``res`` (``seed`` joins the key for trained probes)."""
     key = run_key(task, res.protocol.id, res.protocol.version, model.spec.id, model.backbone.weights_id,
                   model.name, model.params, res.dataset, res.split, cfg.limit, data_root=cfg.data_root,
-                  seed=cfg.seed if seed else 0, method_weights=model.method_weights)
+                  seed=cfg.seed if seed else 0, method_weights=model.method_weights,
+                  on_bad_image=cfg.on_bad_image)
     return Identity(key, record_path(cfg.results_dir, task, res.protocol.id, model.spec.id, model.name, res.dataset,
                                      key))
 
@@ -175,18 +182,30 @@ def finished(ident: Identity, cfg: RunConfig) -> Optional[RunRecord]:
 def make_record(task: str, res: Resolved, model: DenseModel, cfg: RunConfig, metrics: Dict[str, float],
                 num_images: int, settings: Dict[str, Any], notes: Sequence[str], started: float,
                 device: torch.device, per_class: Optional[Dict[str, Dict[str, float]]] = None,
-                world_size: int = 1) -> RunRecord:
-    """Step 6: a record carrying everything that identifies the run (weights and method-weights hashes)."""
+                world_size: int = 1, skipped: Sequence[Dict[str, str]] = ()) -> RunRecord:
+    """Step 6: a record carrying everything that identifies the run (weights and method-weights hashes);
+    ``skipped`` (see :func:`skipped_samples`) marks it partial."""
     notes = list(notes)
     if cfg.random_init or model.backbone.weights_id == "random-init":
         notes.append("random-init weights: numbers are not meaningful")
+    if skipped:
+        notes.append(f"partial: {len(skipped)} bad sample(s) skipped (--on-bad-image skip), see skipped_images")
     return RunRecord(
+        partial=bool(skipped), skipped_images=[dict(s) for s in skipped],
         task=task, protocol=res.protocol.id, protocol_version=res.protocol.version, backbone=model.spec.id,
         weights=model.backbone.weights_id, method=model.name, method_params=model.params,
         method_weights=dict(model.method_weights), dataset=res.dataset, split=res.split,
         data_root=os.path.abspath(cfg.data_root), num_images=int(num_images), metrics=metrics,
         per_class=per_class or {}, settings={**settings, "method_config": model.describe()["config"]}, notes=notes,
         wall_time_s=time.time() - started, device=device_description(device), world_size=world_size)
+
+
+def skipped_samples(*datasets: Any) -> List[Dict[str, str]]:
+    """The samples ``--on-bad-image skip`` left out of datasets built by ``DatasetSpec.build``."""
+    out: List[Dict[str, str]] = []
+    for ds in datasets:
+        out += [s for s in getattr(ds, "harness_skipped", ()) if s not in out]
+    return out
 
 
 class Evaluator:

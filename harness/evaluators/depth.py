@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..errors import ConfigError, DataError
+from ..io_safety import atomic_torch_save
 from ..metrics.depth import DEPTH_METRICS, LOWER_IS_BETTER, DepthAccumulator
 from ..probes.cache import FeatureCache
 from ..probes.common import lr_name, seeded
@@ -121,9 +122,8 @@ class DepthEvaluator(ProbeEvaluator):
         crop = (int(s["crop_size"][0]), int(s["crop_size"][1]))
         aug = {k: s[k] for k in FAITHFUL_KEYS}
         aug.update(depth_rescale_factor=s["depth_rescale_factor"], crop_size=crop)
-        train_ds = spec.build(cfg.data_root, train_split, depth_train_pipeline(aug), limit=cfg.limit)
-        test_ds = spec.build(cfg.data_root, run.eval_split, depth_test_pipeline(s["depth_rescale_factor"]),
-                             limit=cfg.limit)
+        train_ds = run.build(spec, train_split, depth_train_pipeline(aug))
+        test_ds = run.build(spec, run.eval_split, depth_test_pipeline(s["depth_rescale_factor"]))
         probe = dense_features(model, torch.zeros(1, 3, model.spec.patch_size, model.spec.patch_size, device=dev),
                                s["precision"])
         in_ch = int(probe.patch.shape[1] + probe.cls.shape[1])
@@ -160,7 +160,8 @@ class DepthEvaluator(ProbeEvaluator):
 
         trainer.fit(batches, loss_fn, eval_fn, int(s["eval_interval"]), prepare=prepare)
         acc = last["acc"] if last.get("it") == int(s["max_iters"]) else self._test_online(run, test_ds, head)
-        torch.save({"head": head.state_dict(), "in_channels": in_ch}, run.artifact("head.pt"))
+        atomic_torch_save({"head": head.state_dict(), "in_channels": in_ch},
+                          run.artifact("head.pt"), "probe head")
         run.notes.append("faithful: DVT NYU linear recipe, online features with the toolbox augmentations every "
                          "iteration; single process, global batch on one device")
         extra = {"train_images": len(train_ds), "feature_dim": in_ch, "artifacts": {"head": run.artifact("head.pt")}}
@@ -207,14 +208,14 @@ class DepthEvaluator(ProbeEvaluator):
             g = dense_features(model, imgs.flip(-1).to(dev), s["precision"])
             return {"patch": f.patch, "cls": f.cls, "patch_flip": g.patch, "cls_flip": g.cls}
 
-        train_ds = spec.build(cfg.data_root, train_split, depth_fixed_view_pipeline(scale, crop), limit=cfg.limit)
+        train_ds = run.build(spec, train_split, depth_fixed_view_pipeline(scale, crop))
         view = f"nyucrop-center{crop[0]}x{crop[1]}"
         tr_cache = run.open_cache(train_split, view, train_ds, {"depth_rescale_factor": scale},
                                   {"patch": "float16", "cls": "float16", "depth": "uint16"})
         fill_cache(tr_cache, FixedViewSamples(train_ds, "depth", mean, std, pad_to=crop), featurize,
                    lambda smp: {"depth": to_mm(smp["target"])}, bs, cfg.num_workers, cfg.progress,
                    f"cache {run.dataset}/{train_split}")
-        test_ds = spec.build(cfg.data_root, run.eval_split, depth_test_pipeline(scale), limit=cfg.limit)
+        test_ds = run.build(spec, run.eval_split, depth_test_pipeline(scale))
         tview = "full+flip" if s["flip_test"] else "full"
         te_names = {"patch": "float16", "cls": "float16", "depth": "uint16"}
         if s["flip_test"]:
@@ -289,7 +290,8 @@ class DepthEvaluator(ProbeEvaluator):
                     pred = (pred + resize(head(load(te_cache, [i], "_flip")), size).flip(-1)) / 2
                 acc.update(pred[0, 0].cpu(), gt)
                 base.update(torch.full(size, mean_depth), gt)
-        torch.save({"head": head.state_dict(), "in_channels": in_ch, "lr": lrs[best]}, run.artifact("head.pt"))
+        atomic_torch_save({"head": head.state_dict(), "in_channels": in_ch, "lr": lrs[best]},
+                          run.artifact("head.pt"), "probe head")
         bm = base.compute()
         extra = {"selected_lr": lrs[best], "heldout": {nm: final[nm][metric] for nm in names},
                  "heldout_images": n_hold, "fit_images": n - n_hold, "feature_dim": in_ch,

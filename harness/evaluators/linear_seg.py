@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ..errors import ConfigError, DataError
+from ..io_safety import atomic_torch_save
 from ..metrics.segmentation import IoUAccumulator
 from ..probes.common import lr_name, seeded
 from ..probes.data import (
@@ -73,8 +74,7 @@ class LinearSegEvaluator(ProbeEvaluator):
 
     # -- shared ----------------------------------------------------------------------------------
     def _val_dataset(self, run: ProbeRun, spec: Any):
-        return spec.build(run.cfg.data_root, run.eval_split, seg_test_pipeline(run.settings["test_scale"]),
-                          limit=run.cfg.limit)
+        return run.build(spec, run.eval_split, seg_test_pipeline(run.settings["test_scale"]))
 
     def _record(self, run: ProbeRun, spec: Any, acc: IoUAccumulator, n_images: int,
                 extra: Dict[str, Any]) -> RunRecord:
@@ -94,7 +94,7 @@ class LinearSegEvaluator(ProbeEvaluator):
         aug = dict(scale=s["train_scale"], ratio_range=s["ratio_range"],
                    crop_size=crop, cat_max_ratio=s["cat_max_ratio"], flip_prob=s["flip_prob"],
                    photometric=s["photometric"])
-        train_ds = spec.build(cfg.data_root, train_split, seg_train_pipeline(aug), limit=cfg.limit)
+        train_ds = run.build(spec, train_split, seg_train_pipeline(aug))
         val_ds = self._val_dataset(run, spec)
         feat_dim = int(model.forward_dense(torch.zeros(1, 3, model.spec.patch_size, model.spec.patch_size,
                                                        device=dev)).patch.shape[1])
@@ -127,8 +127,8 @@ class LinearSegEvaluator(ProbeEvaluator):
 
         trainer.fit(batches, loss_fn, eval_fn, int(s["eval_interval"]), prepare=prepare)
         acc = last["acc"] if last.get("it") == int(s["max_iters"]) else self._slide_eval(run, spec, val_ds, head)
-        torch.save({"head": head.state_dict(), "in_channels": feat_dim, "num_classes": spec.num_classes},
-                   run.artifact("head.pt"))
+        atomic_torch_save({"head": head.state_dict(), "in_channels": feat_dim, "num_classes": spec.num_classes},
+                          run.artifact("head.pt"), "probe head")
         artifacts = {**self._write_curves(run, trainer), "head": run.artifact("head.pt")}
         grid = padded_grid(crop, model.spec.patch_size)
         extra = {"train_images": len(train_ds), "token_grid_train": list(grid), "feature_dim": feat_dim,
@@ -178,7 +178,7 @@ class LinearSegEvaluator(ProbeEvaluator):
             return {"patch": dense_features(model, imgs.to(dev), s["precision"]).patch}
 
         # train view: keep-ratio resize to the test scale + centre crop (labels follow), padded to the crop
-        train_ds = spec.build(cfg.data_root, train_split, seg_fixed_view_pipeline(scale, crop), limit=cfg.limit)
+        train_ds = run.build(spec, train_split, seg_fixed_view_pipeline(scale, crop))
         view = f"fixed-{scale[0]}x{scale[1]}-crop{crop[0]}x{crop[1]}"
         tr_cache = run.open_cache(train_split, view, train_ds, {}, {"patch": "float16", "label": "uint8"})
 
@@ -276,8 +276,8 @@ class LinearSegEvaluator(ProbeEvaluator):
                     count[:, :, y1:y2, x1:x2] += 1
                 pred = resize(logits / count, tuple(label.shape)).argmax(1)[0]  # mmseg: resize to ori, argmax
                 acc.update(pred.cpu(), label)
-        torch.save({"head": head.state_dict(), "in_channels": feat_dim, "num_classes": spec.num_classes,
-                    "lr": lrs[best]}, run.artifact("head.pt"))
+        atomic_torch_save({"head": head.state_dict(), "in_channels": feat_dim, "num_classes": spec.num_classes,
+                           "lr": lrs[best]}, run.artifact("head.pt"), "probe head")
         artifacts = {**self._write_curves(run, trainer), "head": run.artifact("head.pt"),
                      "train_cache": tr_cache.path, "eval_cache": va_cache.path}
         extra = {"selected_lr": lrs[best], "heldout": {nm: final[nm][metric] for nm in names},

@@ -1,6 +1,7 @@
 """Zero-shot open-vocabulary semantic segmentation (the PH-Reg Table 1 task)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -13,6 +14,7 @@ import torch
 
 from ..datasets.base import check_sample_shapes
 from ..errors import DataError
+from ..io_safety import atomic_write_text, file_lock
 from ..methods.pamr import pamr
 from ..metrics.segmentation import IoUAccumulator
 from ..ovss.inference import ImageJob, dense_logits, postprocess, shared_trunk_features
@@ -21,7 +23,17 @@ from ..results.record import RunRecord, write_record
 from ..runtime import init_distributed, progress, select_device
 from ..text.encoder import class_queries
 from ..text.names import check_class_count, load_name_set
-from .base import Evaluator, RunConfig, build_models, finished, identify, make_record, resolve
+from .base import (
+    Evaluator,
+    Identity,
+    RunConfig,
+    build_models,
+    finished,
+    identify,
+    make_record,
+    resolve,
+    skipped_samples,
+)
 
 #: images per loader batch; all their windows are pooled into backbone batches of ``batch_size``
 IMAGES_PER_STEP = 4
@@ -87,18 +99,36 @@ class OVSSEvaluator(Evaluator):
                 jobs.append(_MethodRun(i, model, model.name, ident.key, ident.path, IoUAccumulator(spec.num_classes)))
         if not jobs:
             return [records[i] for i in range(len(models))]
+        with contextlib.ExitStack() as locks:
+            if dist.is_main:  # a second run of the same records waits, then reads them instead of recomputing
+                for job in sorted(jobs, key=lambda j: j.path):
+                    locks.enter_context(file_lock(job.path, "run record"))
+                for job in list(jobs):
+                    done_rec = finished(Identity(job.key, job.path), cfg)
+                    if done_rec is not None:
+                        records[job.index] = done_rec
+                        jobs.remove(job)
+            if jobs:
+                self._pass(cfg, res, jobs, records, names, dist, device, base)
+        return [records[i] for i in range(len(models))]
 
+    def _pass(self, cfg: RunConfig, res: Any, jobs: List["_MethodRun"], records: Dict[int, RunRecord],
+              names: Any, dist: Any, device: torch.device, base: Any) -> None:
+        """Segment the split once for every method of ``jobs``; write their records into ``records``.
+
+        ``base`` is the pass's first model (its text tower encodes the class queries for every method)."""
+        spec, dataset_name, settings = res.spec, res.dataset, res.settings
         t0 = time.time()
-        ds = spec.build(cfg.data_root, cfg.split, mmseg_pipeline(settings), limit=cfg.limit)
+        # every sample's files are screened here: a bad image or label map fails now (or is skipped), not in an hour
+        ds = spec.build(cfg.data_root, cfg.split, mmseg_pipeline(settings), limit=cfg.limit,
+                        on_bad_image=cfg.on_bad_image)
+        skipped = skipped_samples(ds)
         n_total = len(ds)
-        for i in range(n_total):  # file headers only: a bad label map fails now, not after an hour
-            info = ds.get_data_info(i)
-            spec.check_label_map(info["img_path"], info["seg_map_path"])
         text = class_queries(base, names, settings["templates"], device, cfg.cache_dir)
         if cfg.progress and dist.is_main and text.stats.encoded:
             print(text.stats.summary(), file=sys.stderr)
         indices = list(range(dist.rank, n_total, dist.world_size))
-        done = 0 if cfg.force else _load_partials(jobs, dist.rank, dist.world_size, n_total)
+        done = 0 if cfg.force else _load_partials(jobs, dist.rank, dist.world_size, n_total, skipped)
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, indices[done:]),
                                              batch_size=IMAGES_PER_STEP, num_workers=cfg.num_workers,
                                              collate_fn=_collate, persistent_workers=False)
@@ -108,7 +138,7 @@ class OVSSEvaluator(Evaluator):
         bar.update(done)
         try:
             self._loop(loader, jobs, text, settings, spec, bar, device, bs, dist.rank, done, cfg.save_predictions,
-                       dist.world_size, n_total)
+                       dist.world_size, n_total, skipped)
         finally:
             bar.close()
         classes = spec.class_names
@@ -123,16 +153,16 @@ class OVSSEvaluator(Evaluator):
                 ["metrics x100; IoU accumulated over the split, mIoU = nanmean over classes (mmseg IoUMetric)",
                  f"wall time covers the whole pass of {len(jobs)} method(s) sharing the backbone trunk"],
                 t0, device, per_class={c: {"IoU": iou, "Acc": a} for c, iou, a in zip(classes, m["IoU"], m["Acc"])},
-                world_size=dist.world_size)
+                world_size=dist.world_size, skipped=skipped)
             if dist.is_main:
                 write_record(rec, job.path)
             if os.path.isfile(job.partial(dist.rank)):
                 os.remove(job.partial(dist.rank))
             records[job.index] = rec
-        return [records[i] for i in range(len(models))]
 
     def _loop(self, loader, jobs: List["_MethodRun"], text, settings, spec, bar, device, bs: int, rank: int,
-              done: int, save_dir: Optional[str] = None, world_size: int = 1, n_total: int = 0) -> None:
+              done: int, save_dir: Optional[str] = None, world_size: int = 1, n_total: int = 0,
+              skipped: Sequence[Dict[str, str]] = ()) -> None:
         """Segment every image of ``loader`` for every method; saves partial state periodically and on Ctrl-C."""
         base = jobs[0].model
         mean = torch.tensor(base.spec.mean_255, device=device).view(3, 1, 1)
@@ -179,10 +209,10 @@ class OVSSEvaluator(Evaluator):
                                 save_prediction(sub, item["img_path"], pred)
                     bar.update(len(batch))
                     if time.time() - last_save > CHECKPOINT_EVERY_S:
-                        _save_partials(jobs, rank, done, world_size, n_total)
+                        _save_partials(jobs, rank, done, world_size, n_total, skipped)
                         last_save = time.time()
         except KeyboardInterrupt:
-            _save_partials(jobs, rank, done, world_size, n_total)
+            _save_partials(jobs, rank, done, world_size, n_total, skipped)
             raise
 
 
@@ -201,7 +231,12 @@ class _MethodRun:
         return self.path + f".partial-rank{rank}.json"
 
 
-def _load_partials(jobs: List[_MethodRun], rank: int, world_size: int = 1, n_total: int = 0) -> int:
+def _skipped_images(skipped: Sequence[Dict[str, str]]) -> List[str]:
+    return sorted(s["image"] for s in skipped)
+
+
+def _load_partials(jobs: List[_MethodRun], rank: int, world_size: int = 1, n_total: int = 0,
+                   skipped: Sequence[Dict[str, str]] = ()) -> int:
     """Resume point: images already done by every method of the pass (0 unless all partials agree).
 
     ``done`` counts images of this rank's shard ``range(rank, n_total, world_size)``, so a partial written
@@ -213,9 +248,14 @@ def _load_partials(jobs: List[_MethodRun], rank: int, world_size: int = 1, n_tot
         p = job.partial(rank)
         if not os.path.isfile(p):
             return 0
-        with open(p) as f:
-            st = json.load(f)
+        try:
+            with open(p) as f:
+                st = json.load(f)
+        except (OSError, ValueError):  # unreadable partial state: start the pass over, never use it
+            return 0
         if st.get("key") != job.key or st.get("world_size") != world_size or st.get("num_images") != n_total:
+            return 0
+        if st.get("skipped", []) != _skipped_images(skipped):  # other images were left out: other shards
             return 0
         states.append(st)
     if len({int(st["done"]) for st in states}) != 1:
@@ -225,15 +265,16 @@ def _load_partials(jobs: List[_MethodRun], rank: int, world_size: int = 1, n_tot
     return int(states[0]["done"])
 
 
-def _save_partials(jobs: List[_MethodRun], rank: int, done: int, world_size: int = 1, n_total: int = 0) -> None:
+def _save_partials(jobs: List[_MethodRun], rank: int, done: int, world_size: int = 1, n_total: int = 0,
+                   skipped: Sequence[Dict[str, str]] = ()) -> None:
     for job in jobs:
-        path = job.partial(rank)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"key": job.key, "done": done, "world_size": world_size, "num_images": n_total,
-                       "acc": job.acc.state_dict()}, f)
-        os.replace(tmp, path)
+        state = {"key": job.key, "done": done, "world_size": world_size, "num_images": n_total,
+                 "skipped": _skipped_images(skipped), "acc": job.acc.state_dict()}
+        atomic_write_text(job.partial(rank), json.dumps(state, default=_jsonable), "partial OVSS state")
+
+
+def _jsonable(x: Any) -> Any:
+    return x.tolist() if hasattr(x, "tolist") else str(x)
 
 
 def save_prediction(folder: str, img_path: str, pred: torch.Tensor) -> str:

@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..errors import ConfigError
+from ..io_safety import file_lock
 from ..methods.base import DenseModel
 from ..probes.cache import FeatureCache, cache_dir_name
 from ..probes.common import dataset_fingerprint, require, weights_identity
@@ -29,7 +30,18 @@ from ..protocols import Protocol
 from ..registry import DATASETS
 from ..results.record import RunRecord, write_record
 from ..runtime import select_device
-from .base import Evaluator, Resolved, RunConfig, build_models, finished, identify, make_record, resolve
+from .base import (
+    Evaluator,
+    Identity,
+    Resolved,
+    RunConfig,
+    build_models,
+    finished,
+    identify,
+    make_record,
+    resolve,
+    skipped_samples,
+)
 
 MODES = ("faithful", "fast")
 
@@ -53,6 +65,14 @@ class ProbeRun:
     notes: List[str] = field(default_factory=list)
     started: float = field(default_factory=time.time)
     _weights_identity: Optional[str] = None
+    #: samples ``--on-bad-image skip`` left out of the datasets this run built (see :meth:`build`)
+    skipped: List[Dict[str, str]] = field(default_factory=list)
+
+    def build(self, spec: Any, split: str, pipeline: Sequence[dict]) -> Any:
+        """``spec.build`` with the run's ``--limit`` and ``--on-bad-image``; what it skips joins the record."""
+        ds = spec.build(self.cfg.data_root, split, pipeline, limit=self.cfg.limit, on_bad_image=self.cfg.on_bad_image)
+        self.skipped += [s for s in skipped_samples(ds) if s not in self.skipped]
+        return ds
 
     @property
     def weights_identity(self) -> str:
@@ -124,7 +144,7 @@ class ProbeRun:
             notes.append(f"limit={self.cfg.limit}: only the first {self.cfg.limit} images of each split were used")
         rec = make_record(self.task, self.res, self.model, self.cfg, metrics, num_images,
                           {**self.settings, "seed": self.cfg.seed, "limit": self.cfg.limit, **settings_extra},
-                          notes, self.started, self.device, per_class=per_class)
+                          notes, self.started, self.device, per_class=per_class, skipped=self.skipped)
         write_record(rec, self.path)
         ckpt = self.artifact("ckpt.pt")
         if os.path.isfile(ckpt):
@@ -165,11 +185,18 @@ class ProbeEvaluator(Evaluator):
 
     def run(self, cfg: RunConfig) -> RunRecord:
         """Resolve the run, skip it if finished, check the protocol and dataset, then train and test."""
-        from ..probes.data import register_transforms
-
         run = start_probe_run(cfg, self.task, default_eval_split=self.default_eval_split)
         if run.existing is not None:
             return run.existing
+        with file_lock(run.path, "run record"):  # a second run of the same configuration waits, then reads it
+            run.existing = finished(Identity(run.key, run.path), cfg)
+            if run.existing is not None:
+                return run.existing
+            return self._train_and_test(run)
+
+    def _train_and_test(self, run: "ProbeRun") -> RunRecord:
+        from ..probes.data import register_transforms
+
         mode_keys = self.faithful_keys if run.mode == "faithful" else self.fast_keys
         require(run.settings, tuple(self.common_keys) + tuple(mode_keys), run.where)
         register_transforms()

@@ -11,20 +11,29 @@ The hash covers backbone, method and its parameters, weights hash, dataset, spli
 pipeline) and image limit, so a cache can never be reused for a different model or view. Extraction
 survives interruption: the index is flushed every ``FLUSH_EVERY`` items, and reopening truncates the
 field files to the last flushed state and continues from there.
+
+Corruption is detected, never used: ``meta.json`` holds the SHA-256 of every field file's flushed bytes and of
+the index; opening a cache re-hashes them (about 1 s per GB) and a cache whose files are unreadable or do not
+match is deleted and rebuilt (one line on stderr says so). Writes go through :mod:`harness.io_safety` (a full
+disk is a :class:`~harness.errors.StorageError` naming the file), and :func:`harness.probes.extract.fill_cache`
+holds a file lock, so two runs filling the same cache take turns instead of interleaving their bytes.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import sys
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 import torch
 
 from ..errors import HarnessError
+from ..io_safety import atomic_write, atomic_write_text, ensure_dir, sha256_file, storage_error
 
-CACHE_FORMAT_VERSION = 1
+#: 2: meta.json holds SHA-256 checksums (format-1 caches are rebuilt once)
+CACHE_FORMAT_VERSION = 2
 FLUSH_EVERY = 256
 
 
@@ -60,6 +69,7 @@ class FeatureCache:
         self.complete = False
         self._index: Dict[str, List[List[int]]] = {f: [] for f in self.fields}
         self._sizes: Dict[str, int] = {f: 0 for f in self.fields}
+        self._hash: Dict[str, Any] = {}
         self._handles: Dict[str, Any] = {}
         self._maps: Dict[str, np.memmap] = {}
         self._since_flush = 0
@@ -72,53 +82,114 @@ class FeatureCache:
     def _bin(self, field: str) -> str:
         return os.path.join(self.path, f"{field}.bin")
 
+    def _index_path(self) -> str:
+        return os.path.join(self.path, "index.npz")
+
+    def _reset(self) -> None:
+        self.count = 0
+        self.complete = False
+        self._index = {f: [] for f in self.fields}
+        self._sizes = {f: 0 for f in self.fields}
+        self._hash = {f: hashlib.sha256() for f in self.fields}
+
+    def reload(self) -> None:
+        """Read the on-disk state again (another process may have extended or finished the cache)."""
+        self._maps.clear()
+        self._reset()
+        self._load()
+
     def _load(self) -> None:
+        self._reset()
         if not os.path.isfile(self._meta_path()):
             return
         try:
             with open(self._meta_path()) as f:
                 meta = json.load(f)
-            idx = np.load(os.path.join(self.path, "index.npz"))
+            if not isinstance(meta, dict) or not {"key_fields", "fields", "count", "sizes", "complete",
+                                                  "sha256"} <= set(meta):
+                raise ValueError("meta.json lacks count, sizes, complete or sha256")
         except (OSError, ValueError) as e:
-            raise CacheError(f"feature cache {self.path} is unreadable ({e}); delete the directory to rebuild "
-                             f"it") from e
+            return self._discard(f"meta.json is unreadable ({str(e).splitlines()[0] if str(e) else e!r})")
         if meta.get("key_fields") != self.key_fields or meta.get("fields") != self.fields:
             raise CacheError(f"feature cache {self.path} was written for another configuration; delete it "
                              f"(or pass another --cache-dir)")
+        why = self._verify(meta)
+        if why:
+            return self._discard(why)
+        idx = np.load(self._index_path())
         self.count = int(meta["count"])
         self.complete = bool(meta["complete"])
         self._sizes = {f: int(s) for f, s in meta["sizes"].items()}
         self._index = {f: idx[f][: self.count].tolist() for f in self.fields}
 
+    def _verify(self, meta: Dict[str, Any]) -> Optional[str]:
+        """Why the files do not match the checksums in ``meta`` (None when they do); keeps the field hashers,
+        so appending continues each file's running checksum."""
+        sums = meta["sha256"]
+        try:
+            if sha256_file(self._index_path()) != sums.get("index"):
+                return "index.npz fails its checksum"
+            for f in self.fields:
+                size = int(meta["sizes"][f])
+                if not os.path.isfile(self._bin(f)) or os.path.getsize(self._bin(f)) < size:
+                    return f"{f}.bin is missing or shorter than its {size} recorded bytes"
+                h = hashlib.sha256()
+                with open(self._bin(f), "rb") as fh:
+                    left = size
+                    while left > 0:
+                        b = fh.read(min(1 << 22, left))
+                        if not b:
+                            break
+                        h.update(b)
+                        left -= len(b)
+                if h.hexdigest() != sums.get(f):
+                    return f"{f}.bin fails its checksum"
+                self._hash[f] = h
+        except (OSError, KeyError, TypeError, ValueError) as e:
+            return f"unreadable ({e})"
+        return None
+
+    def _discard(self, why: str) -> None:
+        """A corrupt cache is never used: say so, delete its files, start empty."""
+        print(f"harness: feature cache {self.path}: {why}; rebuilding it", file=sys.stderr)
+        for name in os.listdir(self.path):
+            p = os.path.join(self.path, name)
+            if os.path.isfile(p) and not name.endswith(".lock"):
+                os.remove(p)
+        self._reset()
+
     def _flush(self) -> None:
-        for h in self._handles.values():
-            h.flush()
-            os.fsync(h.fileno())
-        tmp_idx = os.path.join(self.path, "index.tmp.npz")
+        try:
+            for h in self._handles.values():
+                h.flush()
+                os.fsync(h.fileno())
+        except OSError as e:
+            raise storage_error(e, self.path, "feature cache") from e
         # (count, 1 + ndim) rows; (0, 1) when nothing was appended yet (an interruption in the first batch)
         arrays = {f: np.asarray(rows, dtype=np.int64).reshape(len(rows), -1) if rows else np.zeros((0, 1), np.int64)
                   for f, rows in self._index.items()}
-        np.savez(tmp_idx, **arrays)
-        os.replace(tmp_idx, os.path.join(self.path, "index.npz"))
+        atomic_write(self._index_path(), lambda fh: np.savez(fh, **arrays), "feature cache index")
+        sums = {f: h.hexdigest() for f, h in self._hash.items()}
+        sums["index"] = sha256_file(self._index_path())
         meta = {"format": CACHE_FORMAT_VERSION, "key_fields": self.key_fields, "fields": self.fields,
-                "count": self.count, "sizes": self._sizes, "complete": self.complete}
-        tmp = self._meta_path() + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(meta, f, indent=1)
-        os.replace(tmp, self._meta_path())
+                "count": self.count, "sizes": self._sizes, "complete": self.complete, "sha256": sums}
+        atomic_write_text(self._meta_path(), json.dumps(meta, indent=1), "feature cache metadata")
         self._since_flush = 0
 
     # -- writing -------------------------------------------------------------------------------
     def open_for_write(self) -> int:
         """Prepare to append; returns how many items are already stored (resume point)."""
-        os.makedirs(self.path, exist_ok=True)
-        for f in self.fields:
-            p = self._bin(f)
-            mode = "r+b" if os.path.exists(p) else "w+b"
-            h = open(p, mode)
-            h.truncate(self._sizes[f])  # drop bytes written after the last flush
-            h.seek(self._sizes[f])
-            self._handles[f] = h
+        ensure_dir(self.path, "feature cache", "--cache-dir")
+        try:
+            for f in self.fields:
+                p = self._bin(f)
+                mode = "r+b" if os.path.exists(p) else "w+b"
+                h = open(p, mode)
+                h.truncate(self._sizes[f])  # drop bytes written after the last flush
+                h.seek(self._sizes[f])
+                self._handles[f] = h
+        except OSError as e:
+            raise storage_error(e, self.path, "feature cache") from e
         self._maps.clear()
         return self.count
 
@@ -127,8 +198,13 @@ class FeatureCache:
             raise ValueError(f"cache item fields {sorted(item)} != {sorted(self.fields)}")
         for f, arr in item.items():
             a = np.ascontiguousarray(arr, dtype=self.fields[f])
+            data = a.tobytes()
+            try:
+                self._handles[f].write(data)
+            except OSError as e:
+                raise storage_error(e, self._bin(f), "feature cache") from e
             self._index[f].append([self._sizes[f], *a.shape])
-            self._handles[f].write(a.tobytes())
+            self._hash[f].update(data)
             self._sizes[f] += a.nbytes
         self.count += 1
         self._since_flush += 1

@@ -7,9 +7,11 @@ per validation metric, one line per head (the ``fast`` protocol trains several).
 from __future__ import annotations
 
 import csv
-import os
+import io
 from collections import defaultdict
 from typing import Dict, List, Sequence, Tuple
+
+from ..io_safety import atomic_write, atomic_write_text
 
 Row = Tuple[int, str, str, str, float]
 COLUMNS = ("iter", "kind", "head", "name", "value")
@@ -36,13 +38,12 @@ class Curves:
         return dict(out)
 
     def write_csv(self, path: str) -> str:
-        tmp = path + ".tmp"
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(COLUMNS)
-            w.writerows(self.rows)
-        os.replace(tmp, path)
-        return path
+        """Atomically; the folder is created when missing (:func:`harness.io_safety.atomic_write`)."""
+        buf = io.StringIO(newline="")
+        w = csv.writer(buf)
+        w.writerow(COLUMNS)
+        w.writerows(self.rows)
+        return atomic_write_text(path, buf.getvalue(), "training curves")
 
     def plot(self, path: str, title: str) -> str:
         """PNG with the loss panel and one panel per validation metric (matplotlib Agg, no display)."""
@@ -70,8 +71,7 @@ class Curves:
             ax.legend(fontsize=7)
         fig.suptitle(title, fontsize=9)
         fig.tight_layout()
-        tmp = path + ".tmp.png"
-        fig.savefig(tmp, dpi=90)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=90)
         plt.close(fig)
-        os.replace(tmp, path)
-        return path
+        return atomic_write(path, lambda f: f.write(png.getvalue()), "training curves plot")

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..io_safety import file_lock
 from ..runtime import progress as progress_bar
 from .cache import FeatureCache
 from .data import convert_sample
@@ -43,8 +44,17 @@ def fill_cache(cache: FeatureCache, samples: Dataset, featurize: Featurize,
 
     ``featurize`` maps a batch of images to per-image tensors (first dim = batch); ``item_fields`` adds the
     non-feature fields of a sample (labels, sizes). An interruption flushes what was written; calling again
-    continues where it stopped.
+    continues where it stopped. A second process filling the same cache waits for the lock, then finds it
+    complete (or continues where the first stopped).
     """
+    with file_lock(cache.path, "feature cache"):
+        cache.reload()
+        return _fill(cache, samples, featurize, item_fields, batch_size, num_workers, show_progress, desc)
+
+
+def _fill(cache: FeatureCache, samples: Dataset, featurize: Featurize,
+          item_fields: Callable[[Dict[str, Any]], Dict[str, np.ndarray]], batch_size: int, num_workers: int,
+          show_progress: bool, desc: str) -> FeatureCache:
     start = cache.open_for_write()
     if cache.complete:
         cache.close()

@@ -18,6 +18,9 @@ from typing import Any, Callable, Dict, Iterable, Optional, Sequence
 import torch
 from torch import nn
 
+from .. import interrupts
+from ..errors import WeightsError
+from ..io_safety import atomic_torch_save
 from .curves import Curves
 from .heads import HeadBank
 from .schedules import Schedule
@@ -86,19 +89,27 @@ class ProbeTrainer:
                 "loss_sum": list(self._loss_sum), "loss_n": self._loss_n}
 
     def save(self) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(self.checkpoint_path)), exist_ok=True)
-        tmp = self.checkpoint_path + ".tmp"
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, self.checkpoint_path)
+        """Atomically (a kill, a full disk or a second writer never leaves a torn checkpoint)."""
+        atomic_torch_save(self.state_dict(), self.checkpoint_path, "probe checkpoint")
 
     def resume(self) -> int:
-        """Load the checkpoint if it belongs to this run; returns the iteration to start from."""
+        """Load the checkpoint if it belongs to this run; returns the iteration to start from.
+
+        Read with ``torch.load(weights_only=True)`` (tensors and plain containers only). A file that is not a
+        checkpoint of this trainer (truncated, foreign) is a :class:`WeightsError` naming it, not a silent restart.
+        """
         if not os.path.isfile(self.checkpoint_path):
             return 0
+        fix = "delete it to restart this run from iteration 0"
         try:
-            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
-        except Exception:  # a truncated file from a crash mid-write: start over rather than fail
-            return 0
+            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise WeightsError(f"probe checkpoint {self.checkpoint_path} is unreadable ({reason}); expected a "
+                               f"checkpoint written by this trainer: {fix}") from e
+        if not isinstance(state, dict) or not {"fingerprint", "iteration", "heads", "optimizer"} <= set(state):
+            raise WeightsError(f"probe checkpoint {self.checkpoint_path} is not a harness probe checkpoint (expected "
+                               f"fingerprint, iteration, heads, optimizer entries): {fix}")
         if state.get("fingerprint") != self.fingerprint:
             return 0
         self.heads.load_state_dict(state["heads"])
@@ -117,6 +128,7 @@ class ProbeTrainer:
             group["betas"] = (self.schedule.beta1(it, self.betas[0]), self.betas[1])
 
     def _on_signal(self, signum: int, frame: Any) -> None:  # noqa: ARG002 - signal API
+        interrupts.note(signum)
         self._stop = True
 
     def fit(self, batches: Callable[[int], Iterable[Any]],

@@ -66,6 +66,10 @@ class RunRecord:
     environment: Dict[str, str] = field(default_factory=lambda: environment())
     schema_version: int = SCHEMA_VERSION
     method_weights: Dict[str, str] = field(default_factory=dict)  # method part -> sha256 of its weights file
+    #: True when images were left out (``--on-bad-image skip``): not comparable with a full run
+    partial: bool = False
+    #: the samples left out: {"image", "label", "reason"}
+    skipped_images: List[Dict[str, str]] = field(default_factory=list)
 
     @property
     def random_init(self) -> bool:
@@ -102,7 +106,7 @@ def environment() -> Dict[str, str]:
 
 def run_key(task: str, protocol: str, protocol_version: int, backbone: str, weights: str, method: str,
             method_params: Dict[str, Any], dataset: str, split: str, limit: Optional[int], data_root: str = "",
-            seed: int = 0, method_weights: Optional[Dict[str, str]] = None) -> str:
+            seed: int = 0, method_weights: Optional[Dict[str, str]] = None, on_bad_image: str = "fail") -> str:
     """A short stable hash of everything that makes a run unique (the data folder, seed and method-weights
     hashes included, so a run pointed at other files, trained with another seed or given other method
     weights never picks up this run's record or state)."""
@@ -113,6 +117,8 @@ def run_key(task: str, protocol: str, protocol_version: int, backbone: str, weig
         parts.append(f"seed={seed}")
     if method_weights:  # absent for training-free methods, so their keys are those of earlier versions
         parts.append({"method_weights": dict(sorted(method_weights.items()))})
+    if on_bad_image != "fail":  # a run that may skip images never shares a record with one that may not
+        parts.append(f"on_bad_image={on_bad_image}")
     blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -123,18 +129,23 @@ def record_path(results_dir: str, task: str, protocol: str, backbone: str, metho
 
 
 def write_record(rec: RunRecord, path: str) -> str:
-    """Atomically write ``rec`` to ``path`` (a crash never leaves a half-written record)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(rec.to_json())
-    os.replace(tmp, path)
-    return path
+    """Atomically write ``rec`` to ``path``: a crash, a full disk or a second writer never leaves a torn record
+    (:func:`harness.io_safety.atomic_write`; a failure is a :class:`~harness.errors.StorageError` naming it)."""
+    from ..io_safety import atomic_write_text
+
+    return atomic_write_text(path, rec.to_json(), "run record")
 
 
 def read_record(path: str) -> RunRecord:
-    with open(path) as f:
-        return RunRecord.from_dict(json.load(f))
+    """A record file, or a :class:`~harness.errors.DataError` naming it when it is not a record."""
+    from ..errors import DataError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return RunRecord.from_dict(json.load(f))
+    except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
+        raise DataError(f"run record {path} is unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                        f"; expected a JSON run record: delete it to re-run that configuration") from e
 
 
 def load_records(results_dir: str) -> List[RunRecord]:

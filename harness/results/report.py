@@ -213,7 +213,9 @@ def _our_table(layout: Layout, rows: List[_Row], task: str, protocol: str,
                     limit = record_limit(rec)
                     footnotes.append(
                         f"{PARTIAL_MARK} {row.method} / {row.backbone} / {c[0]}: {rec.num_images} images"
-                        + (f" (--limit {limit})" if limit is not None else "") + ", not the full split")
+                        + (f" (--limit {limit})" if limit is not None else "")
+                        + (f" ({len(rec.skipped_images)} bad image(s) skipped)" if rec.skipped_images else "")
+                        + ", not the full split")
             else:
                 line.append(DASH)
         if layout.avg_cols:
@@ -321,7 +323,8 @@ def render_markdown(records: Sequence[RunRecord], published: pd.DataFrame, resul
         "percentiles of dissimilarity (README, `harness run artifacts`).",
         "- `↳ published` rows: the same method and backbone in a paper or README, under the same protocol id or one "
         "the protocol's YAML lists in `compare_with`; `↳ Δ` = ours − published (see results/README.md).",
-        f"- {PARTIAL_MARK} = partial run (`--limit`, or fewer images than the official split): not comparable.",
+        f"- {PARTIAL_MARK} = partial run (`--limit`, bad images skipped, or fewer images than the official split): "
+        "not comparable.",
         "- Weights: first 8 hex digits of the weights file's sha256.",
     ]
     by_task: Dict[str, List[RunRecord]] = defaultdict(list)

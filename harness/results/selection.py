@@ -57,8 +57,9 @@ def record_limit(rec: RunRecord) -> Optional[int]:
 
 
 def is_partial(rec: RunRecord, official_counts: Optional[OfficialCounts] = None) -> bool:
-    """True for ``--limit`` runs and runs over fewer images than the official split: not comparable."""
-    if record_limit(rec) is not None:
+    """True for ``--limit`` runs, runs that skipped bad images (``--on-bad-image skip``) and runs over fewer
+    images than the official split: not comparable."""
+    if record_limit(rec) is not None or getattr(rec, "partial", False):
         return True
     n = official_count(rec.dataset, rec.split, official_counts)
     return n is not None and rec.num_images < n

@@ -21,12 +21,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ..io_safety import atomic_torch_save
 from .templates import render, template_set_hash
 
 
@@ -118,17 +120,36 @@ class PromptStore:
         self.entries: Dict[str, torch.Tensor] = {}
         if path and os.path.isfile(path):
             try:
-                self.entries = dict(torch.load(path, map_location="cpu", weights_only=True)["prompts"])
-            except Exception:  # a corrupt cache entry is rebuilt, never used
-                self.entries = {}
+                data = torch.load(path, map_location="cpu", weights_only=True)
+                entries = dict(data["prompts"])
+                ok = data.get("sha256") == tensors_digest(entries)
+            except Exception:  # unreadable: a corrupt cache entry is rebuilt, never used
+                ok = False
+            if ok:
+                self.entries = entries
+            else:
+                _rebuild_notice(path)
 
     def save(self) -> None:
         if not self.path:
             return
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        tmp = self.path + f".tmp{os.getpid()}"
-        torch.save({"prompts": self.entries}, tmp)
-        os.replace(tmp, self.path)
+        atomic_torch_save({"prompts": self.entries, "sha256": tensors_digest(self.entries)}, self.path,
+                          "text cache")
+
+
+def tensors_digest(tensors: Dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names, shapes, dtypes and bytes of ``tensors``: a cache entry must match it to be used."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}|{tuple(t.shape)}|{t.dtype}\n".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _rebuild_notice(path: str) -> None:
+    print(f"harness: text cache {path} is corrupt (unreadable or fails its checksum); rebuilding it",
+          file=sys.stderr)
 
 
 def _tower_key(bb, method_weights: Optional[Dict[str, str]]) -> str:
@@ -204,10 +225,15 @@ def class_queries(model, names: Sequence[Sequence[str]], template_set: str, devi
     emb = None
     if use_cache and os.path.isfile(path):
         try:
-            emb = torch.load(path, map_location="cpu", weights_only=True)["embeddings"]
-        except Exception:  # a corrupt cache entry is rebuilt, never used
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            emb = data["embeddings"]
+            if data.get("sha256") != tensors_digest({"embeddings": emb}):
+                emb = None
+        except Exception:  # unreadable
             emb = None
-        if emb is not None and tuple(emb.shape[:1]) != (len(flat),):
+        if emb is None:  # a corrupt cache entry is rebuilt, never used
+            _rebuild_notice(path)
+        elif tuple(emb.shape[:1]) != (len(flat),):
             emb = None
     hit = emb is not None
     if emb is None:
@@ -216,11 +242,9 @@ def class_queries(model, names: Sequence[Sequence[str]], template_set: str, devi
                             else None)
         emb = encode_names(model, flat, template_set, device, store=store, stats=stats).cpu()
         if use_cache:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = path + f".tmp{os.getpid()}"
-            torch.save({"embeddings": emb, "names": flat, "backbone": bb.spec.id, "weights": bb.weights_id,
-                        "templates": template_set}, tmp)
-            os.replace(tmp, path)
+            atomic_torch_save({"embeddings": emb, "names": flat, "backbone": bb.spec.id, "weights": bb.weights_id,
+                               "templates": template_set, "sha256": tensors_digest({"embeddings": emb})}, path,
+                              "text cache")
     if hit:
         stats.prompts = len(flat) * len(render(template_set, "x"))
     return TextQueries(embeddings=emb.to(device), query_class=torch.tensor(owner, device=device),

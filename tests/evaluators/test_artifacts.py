@@ -331,3 +331,25 @@ def test_a_changed_ovss_protocol_version_is_refused(tmp_path, one_template, caps
                "--no-progress"])
     assert rc == 2 and not (tmp_path / "r").exists()
     assert "pins ovss protocol ovss/test-whole at v1" in capsys.readouterr().err
+
+
+def test_bad_image_in_a_folder_fails_in_one_line_or_is_skipped(tmp_path, capsys) -> None:
+    """A truncated JPEG among the images: `fail` names it and exits non-zero before any work; `skip` measures
+    the rest and marks the record partial, listing the file."""
+    images = write_low_information_folder(tmp_path / "images", 2)
+    good = next(images.rglob("*.png"))
+    bad = images / "part0" / "cut.jpg"
+    Image.open(good).convert("RGB").save(bad, quality=90)
+    bad.write_bytes(bad.read_bytes()[:-200])  # cut before the end-of-image marker
+    proto = small_protocol(tmp_path / "proto.yaml", views=1)
+    base = ["run", "artifacts", "--backbone", PLANTED, "--method", "vanilla", "--dataset", "folder",
+            "--data-root", str(images), "--random-init", "--protocol", proto, "--workers", "0", "--device", "cpu",
+            "--results-dir", str(tmp_path / "results"), "--no-progress"]
+    assert main(base) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len([ln for ln in err if "cut.jpg" in ln]) == 1 and "truncated JPEG" in err[-1]
+    assert not (tmp_path / "results").exists() or not load_records(str(tmp_path / "results"))
+    assert main(base + ["--on-bad-image", "skip"]) == 0
+    (rec,) = load_records(str(tmp_path / "results"))
+    assert rec.partial and rec.num_images == 2
+    assert [s["image"] for s in rec.skipped_images] == [str(bad)]
