@@ -182,9 +182,14 @@ def _clean(word: str) -> str:
     return word.rstrip(".,;:)]") if not word.endswith("...") else word
 
 
+def _split_quoted(text: str) -> List[str]:
+    """Whitespace split that keeps a double-quoted argument (``--query "a photo of a cat"``) as one word."""
+    return [a if a is not None and a != "" else b for a, b in re.findall(r'"([^"]*)"|(\S+)', text)]
+
+
 def _words(text: str) -> List[str]:
     out = []
-    for raw in text.replace("\\|", "|").split():
+    for raw in _split_quoted(text.replace("\\|", "|")):
         w = _clean(raw)
         if not w or w == "..." or w.strip(".") == "":
             continue
