@@ -204,7 +204,10 @@ class TimmViTBackbone(Backbone):
             q, k, v = attn.qkv(y).reshape(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
             return attn.q_norm(q), attn.k_norm(k), v
 
-        out_proj: nn.Module = attn.proj if isinstance(attn.norm, nn.Identity) else nn.Sequential(attn.norm, attn.proj)
+        # older timm Attention (e.g. 1.0.3, our lower bound) has no `norm` (scale-norm before proj): identity
+        attn_norm = getattr(attn, "norm", None)
+        out_proj: nn.Module = (attn.proj if attn_norm is None or isinstance(attn_norm, nn.Identity)
+                               else nn.Sequential(attn_norm, attn.proj))
         return BlockParts(norm1=blk.norm1, qkv=qkv, out_proj=out_proj, norm2=blk.norm2, mlp=blk.mlp,
                           mlp_act=blk.mlp.act, mlp_hidden=int(blk.mlp.fc1.out_features), num_heads=heads, run=blk,
                           ls1=blk.ls1, ls2=blk.ls2)
