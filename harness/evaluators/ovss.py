@@ -1,7 +1,6 @@
 """Zero-shot open-vocabulary semantic segmentation (the PH-Reg Table 1 task)."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -14,7 +13,7 @@ import torch
 
 from ..datasets.base import check_sample_shapes
 from ..errors import DataError
-from ..io_safety import atomic_write_text, file_lock
+from ..io_safety import atomic_write_text
 from ..methods.pamr import pamr
 from ..metrics.segmentation import IoUAccumulator
 from ..ovss.inference import ImageJob, dense_logits, postprocess, shared_trunk_features
@@ -25,9 +24,9 @@ from ..text.encoder import class_queries
 from ..text.names import check_class_count, load_name_set
 from .base import (
     Evaluator,
-    Identity,
     RunConfig,
     build_models,
+    claimed,
     finished,
     identify,
     make_record,
@@ -99,15 +98,7 @@ class OVSSEvaluator(Evaluator):
                 jobs.append(_MethodRun(i, model, model.name, ident.key, ident.path, IoUAccumulator(spec.num_classes)))
         if not jobs:
             return [records[i] for i in range(len(models))]
-        with contextlib.ExitStack() as locks:
-            if dist.is_main:  # a second run of the same records waits, then reads them instead of recomputing
-                for job in sorted(jobs, key=lambda j: j.path):
-                    locks.enter_context(file_lock(job.path, "run record"))
-                for job in list(jobs):
-                    done_rec = finished(Identity(job.key, job.path), cfg)
-                    if done_rec is not None:
-                        records[job.index] = done_rec
-                        jobs.remove(job)
+        with claimed(jobs, cfg, records, enabled=dist.is_main):
             if jobs:
                 self._pass(cfg, res, jobs, records, names, dist, device, base)
         return [records[i] for i in range(len(models))]
