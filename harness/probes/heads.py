@@ -5,7 +5,7 @@ size happens in the loss / prediction code, as in mmseg's ``BaseDecodeHead``.
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, NamedTuple, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,66 @@ class LinearSegHead(nn.Module):
         return self.conv_seg(self.bn(patch))
 
 
+class CentredBatch(NamedTuple):
+    """Frozen features of one training batch, channels first and centred by their batch mean (see
+    :func:`centre_batch`)."""
+
+    x: torch.Tensor  #: (C, M) = features minus the batch mean, M = B*h*w tokens
+    mean: torch.Tensor  #: (C,) batch mean
+    var: torch.Tensor  #: (C,) biased batch variance (what train-mode BatchNorm normalises with)
+    shape: Tuple[int, int, int]  #: (B, h, w)
+
+    @property
+    def var_unbiased(self) -> torch.Tensor:
+        """What BatchNorm puts into its running variance."""
+        n = self.x.shape[1]
+        return self.var * n / max(n - 1, 1)
+
+
+def centre_batch(x: torch.Tensor) -> CentredBatch:
+    """Batch statistics of frozen features given channels first, (C, B, h, w), centred in place.
+
+    Why channels first: all heads of the ``fast`` learning-rate grid then become one (heads*K x C) @ (C x M)
+    product (:func:`seg_grid_train_logits`); the caller builds this layout straight from the cache.
+    """
+    c, b, h, w = x.shape
+    flat = x.reshape(c, b * h * w)
+    var, mean = torch.var_mean(flat, dim=1, unbiased=False)
+    flat.sub_(mean[:, None])
+    return CentredBatch(flat, mean, var, (b, h, w))
+
+
+def seg_grid_train_logits(heads: Sequence[LinearSegHead], batch: CentredBatch) -> torch.Tensor:
+    """``[head(feats) for head in heads]`` in train mode, as one (M, heads, K) tensor (M = B*h*w tokens in
+    (b, i, j) order; classes last, so the softmax runs over contiguous memory).
+
+    BatchNorm's normalisation and affine are folded into each head's 1x1 conv:
+    conv(gamma * (f - mean) * rstd + beta) = (W diag(gamma * rstd)) (f - mean) + (W beta + b), and the heads
+    are stacked into one matrix, so a step is one GEMM forward and one backward for the whole grid instead of
+    a BatchNorm and a conv per head over every feature. Values and parameter gradients are those of the
+    modules' forward; the running statistics are updated as ``BatchNorm2d.forward`` does in train mode
+    (momentum, unbiased variance), so the heads' eval mode is unchanged.
+    """
+    weights, biases = [], []
+    for head in heads:
+        bn, conv = head.bn, head.conv_seg
+        if not head.training:
+            raise ValueError("seg_grid_train_logits is the train-mode forward; a head is in eval mode")
+        if bn.track_running_stats:
+            with torch.no_grad():
+                bn.num_batches_tracked.add_(1)
+                m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+                bn.running_mean.mul_(1 - m).add_(batch.mean, alpha=m)
+                bn.running_var.mul_(1 - m).add_(batch.var_unbiased, alpha=m)
+        w = conv.weight[:, :, 0, 0]
+        weights.append(w * (bn.weight * torch.rsqrt(batch.var + bn.eps))[None, :])
+        biases.append(w @ bn.bias + conv.bias)
+    if len({w.shape[0] for w in weights}) != 1:
+        raise ValueError("the heads of one grid must have the same number of classes")
+    logits = torch.addmm(torch.cat(biases)[None, :], batch.x.t(), torch.cat(weights).t())
+    return logits.view(logits.shape[0], len(weights), -1)
+
+
 def depth_head_input(patch: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
     """[F ; c·1ᵀ]: patch features with the CLS token broadcast over the grid (DINOv2 linear_head.py)."""
     return torch.cat([patch, cls[:, :, None, None].expand_as(patch)], dim=1)
@@ -73,9 +133,32 @@ class DepthBinsHead(nn.Module):
             z = F.interpolate(self.conv_depth(x), size=size, mode="bilinear", align_corners=False)
         else:
             z = self.conv_depth(F.interpolate(x, size=size, mode="bilinear", align_corners=False))
+        return self.depth_from_logits(z)
+
+    def depth_from_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, bins, H, W) bin logits -> depth (B, 1, H, W): linear normalisation, expectation over the bins."""
         logit = torch.relu(z) + DEPTH_NORM_EPS
         p = logit / logit.sum(dim=1, keepdim=True)
         return torch.einsum("bkhw,k->bhw", p, self.bins.to(p.dtype)).unsqueeze(1)
+
+
+def depth_head_split_forward(head: DepthBinsHead, patch: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+    """``head(depth_head_input(patch, cls))`` without building the (B, 2C, h, w) input.
+
+    The CLS half of the 1x1 conv is constant over the grid, so it is a per-image bias: W [f ; c] + b =
+    W_f f + (W_c c + b). The conv then costs h*w*C*bins per image instead of h*w*2C*bins, and (bilinear
+    weights summing to 1) it runs before the upsampling, as the module does for wide inputs. Same function;
+    the ``fast`` v2 depth step uses it, faithful keeps the module's forward.
+    """
+    c = patch.shape[1]
+    weight = head.conv_depth.weight[:, :, 0, 0]
+    if weight.shape[1] != 2 * c or cls.shape[1] != c:
+        raise ValueError(f"head takes {weight.shape[1]} input channels; patch {c} + CLS {cls.shape[1]} given")
+    bias = cls @ weight[:, c:].t() + head.conv_depth.bias
+    z = F.conv2d(patch, head.conv_depth.weight[:, :c]) + bias[:, :, None, None]
+    h, w = patch.shape[-2:]
+    z = F.interpolate(z, size=(h * head.upsample, w * head.upsample), mode="bilinear", align_corners=False)
+    return head.depth_from_logits(z)
 
 
 class HeadBank(nn.Module):
