@@ -66,9 +66,13 @@ def centre_batch(x: torch.Tensor) -> CentredBatch:
     product (:func:`seg_grid_train_logits`); the caller builds this layout straight from the cache.
     """
     c, b, h, w = x.shape
-    flat = x.reshape(c, b * h * w)
-    var, mean = torch.var_mean(flat, dim=1, unbiased=False)
+    m = b * h * w
+    flat = x.reshape(c, m)
+    # two passes, centre then square (no E[x^2] - mean^2 cancellation); the mean as a matrix-vector product
+    # and the variance as a vector norm: several times faster on CPU than torch.var_mean over dim 1
+    mean = flat @ flat.new_full((m,), 1.0 / m)
     flat.sub_(mean[:, None])
+    var = torch.linalg.vector_norm(flat, dim=1).square_() / m
     return CentredBatch(flat, mean, var, (b, h, w))
 
 
