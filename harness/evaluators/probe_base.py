@@ -128,6 +128,14 @@ class ProbeRun:
         fields = self.cache_fields(split, view, ds, extra)
         return FeatureCache(os.path.join(self.cache_root, cache_dir_name(fields)), fields, arrays)
 
+    def derived_cache(self, src: FeatureCache, what: str, params: Dict[str, Any], arrays: Dict[str, str]
+                      ) -> FeatureCache:
+        """A cache of per-item values computed from ``src`` (e.g. training targets on the token grid): same
+        items and key as ``src`` plus ``what`` and ``params``, in a folder of its own beside it."""
+        fields = {**src.key_fields, "view": f"{src.key_fields.get('view', '')}+{what}",
+                  "derived": {"what": what, **params}}
+        return FeatureCache(os.path.join(self.cache_root, cache_dir_name(fields)), fields, arrays)
+
     @property
     def method_name(self) -> str:
         return self.model.name
@@ -182,6 +190,9 @@ class ProbeEvaluator(Evaluator):
     common_keys: Sequence[str] = ()
     faithful_keys: Sequence[str] = ()
     fast_keys: Sequence[str] = ()
+    #: values of the ``fast`` protocols' optional ``train_loss`` setting; the first (v1's full-resolution
+    #: loss) applies when a protocol file has none, so a version-1 file keeps meaning what it meant
+    fast_train_losses: Sequence[str] = ("pixel",)
 
     def run(self, cfg: RunConfig) -> RunRecord:
         """Resolve the run, skip it if finished, check the protocol and dataset, then train and test."""
@@ -206,6 +217,9 @@ class ProbeEvaluator(Evaluator):
         if train_split not in spec.splits:
             raise ConfigError(f"protocol {run.where}: dataset {run.dataset!r} has no split {train_split!r}")
         if run.mode == "faithful":
+            if str(run.settings.get("train_loss", "pixel")) != "pixel":
+                raise ConfigError(f"protocol {run.where}: train_loss {run.settings['train_loss']!r} is a fast "
+                                  f"setting; the faithful recipe trains at full resolution (remove it)")
             return self._faithful(run, spec, train_split)
         return self._fast(run, spec, train_split)
 
@@ -217,6 +231,14 @@ class ProbeEvaluator(Evaluator):
 
     def _fast(self, run: "ProbeRun", spec: Any, train_split: str) -> RunRecord:
         raise NotImplementedError
+
+    def _train_loss(self, run: "ProbeRun") -> str:
+        """The ``fast`` protocol's ``train_loss`` (where the training loss is computed), checked."""
+        value = str(run.settings.get("train_loss", self.fast_train_losses[0]))
+        if value not in self.fast_train_losses:
+            raise ConfigError(f"protocol {run.where}: train_loss {value!r} must be one of "
+                              f"{', '.join(self.fast_train_losses)}")
+        return value
 
     def _optim(self, run: "ProbeRun") -> Tuple[List[float], float, Tuple[float, float], Any]:
         o = run.settings["optimizer"]

@@ -132,9 +132,10 @@ class ProbeTrainer:
         self._stop = True
 
     def fit(self, batches: Callable[[int], Iterable[Any]],
-            loss_fn: Callable[[Any, int, int], torch.Tensor],
+            loss_fn: Optional[Callable[[Any, int, int], torch.Tensor]],
             eval_fn: Optional[EvalFn] = None, eval_interval: int = 0,
-            prepare: Optional[Callable[[Any], Any]] = None) -> None:
+            prepare: Optional[Callable[[Any], Any]] = None,
+            losses_fn: Optional[Callable[[Any, int], Sequence[torch.Tensor]]] = None) -> None:
         """Run from the last checkpoint to ``max_iters``.
 
         Args:
@@ -146,9 +147,14 @@ class ProbeTrainer:
             eval_interval: evaluate every this many iterations and at the end (0 = only at the end).
             prepare: ``prepare(batch)`` -> the inputs shared by all heads (e.g. frozen backbone features),
                 computed once per iteration; default: the batch itself.
+            losses_fn: instead of ``loss_fn``: ``losses_fn(inputs, it)`` returns every head's loss from one
+                shared computation (e.g. the whole grid as one matrix product); their sum is backpropagated
+                once. The heads share no parameters, so each still gets exactly its own gradient.
         """
         from tqdm.auto import tqdm
 
+        if (loss_fn is None) == (losses_fn is None):
+            raise ValueError("pass exactly one of loss_fn and losses_fn")
         start = self.resume()
         if start >= self.max_iters:
             return
@@ -169,10 +175,17 @@ class ProbeTrainer:
                 inputs = prepare(batch) if prepare is not None else batch
                 self.optimizer.zero_grad(set_to_none=True)
                 losses = []
-                for j in range(len(self.heads)):  # heads are independent: each gets its own gradient
-                    loss = loss_fn(inputs, it, j)
-                    loss.backward()
-                    losses.append(loss.detach())
+                if losses_fn is not None:
+                    joint = list(losses_fn(inputs, it))
+                    if len(joint) != len(self.heads):
+                        raise ValueError(f"losses_fn returned {len(joint)} losses for {len(self.heads)} heads")
+                    torch.stack(joint).sum().backward()
+                    losses = [loss.detach() for loss in joint]
+                else:
+                    for j in range(len(self.heads)):  # heads are independent: each gets its own gradient
+                        loss = loss_fn(inputs, it, j)
+                        loss.backward()
+                        losses.append(loss.detach())
                 if self.grad_clip:
                     for h in self.heads.heads:
                         nn.utils.clip_grad_norm_(h.parameters(), float(self.grad_clip), norm_type=2.0)
