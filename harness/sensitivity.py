@@ -9,8 +9,9 @@ evaluator, so every row of the table IS a run record in the results folder (a se
 back instead of recomputing) and ``harness run ovss --protocol <variant yaml>`` reproduces any row.
 
 Settings known to be wrong are flagged, not hidden: a probability or area threshold on a dataset without a
-background class sends pixels to class 0, which there is a real class (wangf3014/SCLIP issue #2: 0.07 mIoU
-on COCO-Stuff from a threshold set for a dataset with background).
+background class sends pixels to class 0, which there is a real class (github.com/wangf3014/SCLIP issue #2:
+a 0.07 mIoU COCO-Stuff reproduction, answered by the author with "for datasets without a background class,
+you should not set prob_thd").
 """
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ STRIDES = (112, 224)
 #: Supervision", ICML 2021, arXiv:2103.00020, Sec. 2.5)
 LOGIT_SCALES = (40.0, 50.0, 100.0)
 #: probability thresholds: 0 (none; SCLIP/NACLIP on datasets without background), 0.1 (SCLIP @ b56bd30 and
-#: NACLIP @ 0cac3a6 configs on VOC21/PC60/Object), 0.2 (harness grid point: twice the usual value)
+#: NACLIP @ 0cac3a6 configs on VOC21/PC60/Object), 0.2 (ClearCLIP's value for vanilla CLIP on datasets with
+#: background: github.com/mc-lan/ClearCLIP issue #2, answer of the author, 2024-09-11)
 PROB_THDS = (0.0, 0.1, 0.2)
 #: PAMR as NACLIP turns it on: naclip.py @ 0cac3a6 pamr_steps=10, pamr_stride=(8, 16) (arXiv:2404.08181)
 NACLIP_PAMR: Dict[str, Any] = {"steps": 10, "dilations": [8, 16]}
@@ -74,7 +76,8 @@ def wrong_settings(settings: Dict[str, Any], spec: Any) -> List[str]:
     out = []
     if float(settings.get("prob_thd") or 0.0) > 0:
         out.append(f"prob_thd {settings['prob_thd']:g} on {spec.name}, which has no background class: pixels "
-                   f"below it become class 0 ({first!r}), a real class (SCLIP issue #2: 0.07 mIoU on COCO-Stuff)")
+                   f"below it become class 0 ({first!r}), a real class (SCLIP issue #2: no prob_thd without "
+                   f"background)")
     if settings.get("area_thd") is not None:
         out.append(f"area_thd {settings['area_thd']:g} on {spec.name}, which has no background class: it treats "
                    f"class 0 ({first!r}) as background")
