@@ -6,7 +6,7 @@ of the task, then changes one knob of the chosen protocol at a time. Each varian
 of the chosen protocol's file with one value changed, a derived id (``phreg~resize=336``), the same version,
 checked by the protocol schema and written as YAML under the output folder. It runs through the normal
 evaluator, so every row of the table IS a run record in the results folder (a second invocation reads them
-back instead of recomputing) and ``harness run ovss --protocol <variant yaml>`` reproduces any row.
+back instead of recomputing) and ``harness run ovss --protocol VARIANT.yaml`` reproduces any row.
 
 Settings known to be wrong are flagged, not hidden: a probability or area threshold on a dataset without a
 background class sends pixels to class 0, which there is a real class (github.com/wangf3014/SCLIP issue #2:
