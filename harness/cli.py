@@ -1,4 +1,4 @@
-"""The ``harness`` command line: run, list, data, report, demo.
+"""The ``harness`` command line: run, list, data, report, demo, sensitivity.
 
 Errors the user can fix (missing data, weights, unknown names, bad options) print one message and exit
 with status 2; a traceback appears only with ``--debug``. Ctrl-C and SIGTERM save partial state and exit 130 / 143
@@ -230,6 +230,31 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo_output", help="folder for the demo data and results")
     demo.add_argument("--images", type=int, default=4)
     demo.add_argument("--device", default="auto")
+
+    se = sub.add_parser("sensitivity", help="one method under every protocol and one knob at a time around one",
+                        description="Run one method on one dataset under every registered protocol of the task "
+                                    "and under variants of --protocol that change one --knobs value each; writes "
+                                    "sensitivity.csv/.md/.png to --out (rows are run records in --results-dir).")
+    se.add_argument("--task", default="ovss", help="task (ovss: the knob grid is OVSS settings)")
+    se.add_argument("--backbone", required=True, help="backbone id (harness list backbones)")
+    se.add_argument("--method", required=True, help="method name (harness list methods)")
+    se.add_argument("--dataset", required=True, help="dataset name (harness list datasets)")
+    se.add_argument("--data-root", required=True, help="dataset root")
+    se.add_argument("--protocol", default=None, help="protocol id or YAML path to vary (default: the task's default)")
+    se.add_argument("--knobs", default="resize,crop,stride,logit_scale,prob_thd,pamr,name_set",
+                    help="comma-separated knobs to vary one at a time ('' for none)")
+    se.add_argument("--no-other-protocols", action="store_true", help="only --protocol and its variants")
+    se.add_argument("--out", default="sensitivity", help="folder for the variant protocols, table and plot")
+    _model_options(se)
+    se.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="method parameter")
+    se.add_argument("--split", default="val")
+    se.add_argument("--batch-size", type=int, default=0)
+    se.add_argument("--workers", type=int, default=2)
+    se.add_argument("--limit", type=int, default=None, help="first N images only (smoke runs; recorded)")
+    se.add_argument("--results-dir", default="results")
+    se.add_argument("--cache-dir", default=None)
+    se.add_argument("--force", action="store_true", help="re-run even if finished records exist")
+    se.add_argument("--no-progress", action="store_true")
     return p
 
 
@@ -395,6 +420,24 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return run_demo(a.out, a.images, a.device)
 
 
+def cmd_sensitivity(a: argparse.Namespace) -> int:
+    from .evaluators.base import RunConfig
+    from .sensitivity import run_sensitivity
+
+    cfg = RunConfig(task=a.task, backbone=a.backbone, method=a.method, dataset=a.dataset,
+                    data_root=os.path.expanduser(a.data_root), method_params=_parse_params(a.param), split=a.split,
+                    protocol=a.protocol, weights=a.weights, random_init=a.random_init, allow_download=a.download,
+                    device=a.device, batch_size=a.batch_size, num_workers=a.workers, limit=a.limit,
+                    results_dir=a.results_dir, cache_dir=a.cache_dir, force=a.force, progress=not a.no_progress)
+    res = run_sensitivity(cfg, a.out, _split(a.knobs), all_protocols=not a.no_other_protocols)
+    for row in res["rows"]:
+        v = row.variant
+        print(f"{v.protocol_id:<40} mIoU {row.record.metrics['mIoU']:.2f}" + (f"  FLAG: {'; '.join(row.flags)}"
+                                                                            if row.flags else ""))
+    print(f"table: {res['md']} ({res['csv']})\nplot:  {res['png']}")
+    return 0
+
+
 def cmd_viz(a: argparse.Namespace) -> int:
     """``harness viz``: build the methods on one backbone (as ``harness run`` does), draw, write the page."""
     from .errors import ConfigError
@@ -476,7 +519,8 @@ def cmd_distill(a: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "ttr": cmd_ttr, "distill": cmd_distill, "suite": cmd_suite, "list": cmd_list,
-            "data": cmd_data, "report": cmd_report, "demo": cmd_demo, "viz": cmd_viz}
+            "data": cmd_data, "report": cmd_report, "demo": cmd_demo, "viz": cmd_viz,
+            "sensitivity": cmd_sensitivity}
 
 
 def _terminate_like_ctrl_c(signum: int, frame: Any) -> None:  # noqa: ARG001 - signal API
