@@ -67,6 +67,7 @@ class LinearSegEvaluator(ProbeEvaluator):
     task = TASK
     optimiser_source = "the DINOv2/DVT probe optimiser"
     common_keys, faithful_keys, fast_keys = COMMON_KEYS, FAITHFUL_KEYS, FAST_KEYS
+    ddp_modes = ("fast",)
 
     def _check_dataset(self, run: ProbeRun, spec: Any) -> None:
         if spec.num_classes < 1 or spec.num_classes >= IGNORE_INDEX:
@@ -235,7 +236,7 @@ class LinearSegEvaluator(ProbeEvaluator):
         def batches(start: int):
             sampler = IterationBatches(len(fit_idx), batch, start, int(s["max_iters"]), cfg.seed)
             for items in sampler:
-                idx = [fit_idx[k] for (_, _, k) in items]
+                idx = [fit_idx[k] for (_, _, k) in run.dist.shard_batch(items)]  # this rank's slice (all of it: 1)
                 yield (tr_cache.stack(idx, "patch", torch.float32).to(dev),
                        tr_cache.stack(idx, "label", torch.int64).to(dev))
 
@@ -276,8 +277,9 @@ class LinearSegEvaluator(ProbeEvaluator):
                     count[:, :, y1:y2, x1:x2] += 1
                 pred = resize(logits / count, tuple(label.shape)).argmax(1)[0]  # mmseg: resize to ori, argmax
                 acc.update(pred.cpu(), label)
-        atomic_torch_save({"head": head.state_dict(), "in_channels": feat_dim, "num_classes": spec.num_classes,
-                           "lr": lrs[best]}, run.artifact("head.pt"), "probe head")
+        if run.dist.is_main:
+            atomic_torch_save({"head": head.state_dict(), "in_channels": feat_dim, "num_classes": spec.num_classes,
+                               "lr": lrs[best]}, run.artifact("head.pt"), "probe head")
         artifacts = {**self._write_curves(run, trainer), "head": run.artifact("head.pt"),
                      "train_cache": tr_cache.path, "eval_cache": va_cache.path}
         extra = {"selected_lr": lrs[best], "heldout": {nm: final[nm][metric] for nm in names},
