@@ -189,7 +189,7 @@ class LinearSegEvaluator(ProbeEvaluator):
             return {"label": label.astype(np.uint8)}
 
         fill_cache(tr_cache, FixedViewSamples(train_ds, "seg", mean, std, pad_to=crop), featurize, train_fields, bs,
-                   cfg.num_workers, cfg.progress, f"cache {run.dataset}/{train_split}")
+                   cfg.num_workers, cfg.progress, f"cache {run.dataset}/{train_split}", dist=run.dist)
         # eval view: the test resize, sliding windows as in faithful (same token grid as the training crops)
         val_ds = self._val_dataset(run, spec)
         win = (int(s["slide_crop"][0]), int(s["slide_crop"][1]))
@@ -214,7 +214,7 @@ class LinearSegEvaluator(ProbeEvaluator):
             return {"label": label.astype(np.uint8), "img_hw": smp["img_hw"].numpy()}
 
         fill_cache(va_cache, FixedViewSamples(val_ds, "seg", mean, std), featurize_windows, eval_fields, 1,
-                   cfg.num_workers, cfg.progress, f"cache {run.dataset}/{run.eval_split}")
+                   cfg.num_workers, cfg.progress, f"cache {run.dataset}/{run.eval_split}", dist=run.dist)
         last: Dict[str, Any] = {}
 
         n = len(tr_cache)

@@ -34,6 +34,17 @@ def _run(cmd, env):
     return out
 
 
+def _cache_arrays(path):
+    """The raw fields of a finished feature cache (``<field>.bin`` files beside ``meta.json``)."""
+    import json
+
+    with open(os.path.join(path, "meta.json")) as f:
+        meta = json.load(f)
+    assert meta["complete"] and meta["count"] == 8
+    return {k: np.fromfile(os.path.join(path, f"{k}.bin"), dtype=dt) for k, dt in meta["fields"].items()}
+
+
+@pytest.mark.slow  # two torchrun processes + one single run on tiny data: about 100 s on a loaded 2-core machine
 def test_torchrun_two_ranks_train_the_single_process_fast_probe(tmp_path):
     from harness.synthetic.segmentation import write_demo_voc
 
@@ -43,14 +54,20 @@ def test_torchrun_two_ranks_train_the_single_process_fast_probe(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     args = ["run", "linear-seg", "--backbone", "test-vit-tiny", "--method", "vanilla", "--dataset", "voc21",
             "--data-root", root, "--random-init", "--protocol", proto, "--workers", "0", "--no-progress",
-            "--device", "cpu", "--cache-dir", str(tmp_path / "cache")]
-    _run([sys.executable, "-m", "harness.cli", *args, "--results-dir", str(tmp_path / "single")], env)
+            "--device", "cpu", "--batch-size", "2"]  # 2 images per forward: the ranks take turns, 2 images each
+    _run([sys.executable, "-m", "harness.cli", *args, "--results-dir", str(tmp_path / "single"),
+          "--cache-dir", str(tmp_path / "cache1")], env)
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "harness.cli",
-          *args, "--results-dir", str(tmp_path / "dist")], env)
+          *args, "--results-dir", str(tmp_path / "dist"), "--cache-dir", str(tmp_path / "cache2")], env)
     (single,) = load_records(str(tmp_path / "single"))
     (dist,) = load_records(str(tmp_path / "dist"))
     assert dist.world_size == 2 and single.world_size == 1
     assert dist.num_images == single.num_images == 2
+    # the sharded extraction wrote the single-process cache: same items, same order (features up to fp16 rounding)
+    caches = [_cache_arrays(r.settings["artifacts"]["train_cache"]) for r in (single, dist)]
+    assert caches[0]["label"].tobytes() == caches[1]["label"].tobytes()
+    np.testing.assert_allclose(caches[1]["patch"].astype(np.float32), caches[0]["patch"].astype(np.float32),
+                               rtol=1e-2, atol=1e-3)
     heads = [torch.load(r.settings["artifacts"]["head"], weights_only=True) for r in (single, dist)]
     assert heads[0]["lr"] == heads[1]["lr"]
     for k, v in heads[0]["head"].items():  # BN running statistics (global batch) and the trained weights
