@@ -120,6 +120,19 @@ def build_parser() -> argparse.ArgumentParser:
     su.add_argument("--batch-size", type=int, default=0)
     su.add_argument("--results-dir", default="results")
     su.add_argument("--cache-dir", default=None)
+    su.add_argument("--launcher", choices=("inline", "local", "slurm"), default="inline",
+                    help="inline: run here, one after another (default); local: one submitit process per cell; "
+                         "slurm: one Slurm job per cell (a job array); then `harness report` gathers the records")
+    su.add_argument("--partition", default=None, help="slurm: the partition the jobs go to")
+    su.add_argument("--gpus", type=int, default=0, help="local/slurm: GPUs per job (one task per GPU, DDP)")
+    su.add_argument("--time", type=int, default=240, metavar="MINUTES", help="local/slurm: time limit per job")
+    su.add_argument("--cpus", type=int, default=8, help="local/slurm: CPUs per job")
+    su.add_argument("--mem-gb", type=int, default=None, help="local/slurm: memory per job")
+    su.add_argument("--max-parallel", type=int, default=0, help="slurm: most array jobs running at once (0 = any)")
+    su.add_argument("--jobs-dir", default=None, help="local/slurm: submitit logs and pickles "
+                                                      "(default <results-dir>/jobs)")
+    su.add_argument("--wait", action="store_true", help="slurm: wait for the jobs and report failed cells "
+                                                         "(local always waits)")
 
     t = sub.add_parser("ttr", help="test-time registers: find register neurons")
     tsub = t.add_subparsers(dest="ttr_command", required=True)
@@ -306,6 +319,8 @@ def cmd_suite(a: argparse.Namespace) -> int:
         unknown = set(suite) - {*need, "protocol", "method_weights"}
         if unknown:
             raise ConfigError(f"suite file {a.file}: unknown key(s) {', '.join(sorted(unknown))}")
+    if a.launcher != "inline":
+        return _launch_suites(a, suites)
     for suite in suites:
         _run_suite(a, suite)
     return 0
@@ -313,30 +328,63 @@ def cmd_suite(a: argparse.Namespace) -> int:
 
 def _run_suite(a: argparse.Namespace, suite: dict) -> None:
     """The runs of one (checked) suite document."""
-    from .errors import ConfigError
-
     datasets = dict(suite["datasets"])
     for backbone in suite["backbones"]:
-        args = ["run", str(suite["task"]), "--backbone", backbone, "--method", ",".join(suite["methods"]),
-                "--dataset", ",".join(datasets),
-                "--data-root", ",".join(os.path.join(a.data_dir, r) for r in datasets.values()),
-                "--device", a.device, "--workers", str(a.workers), "--batch-size", str(a.batch_size),
-                "--results-dir", a.results_dir]
-        if suite.get("protocol"):
-            args += ["--protocol", str(suite["protocol"])]
-        files = (suite.get("method_weights") or {}).get(backbone) or {}
-        if not isinstance(files, dict):
-            raise ConfigError(f"suite file {a.file}: method_weights.{backbone} must map method parts to files")
-        if files:  # relative to --weights-dir
-            args += ["--method-weights", ",".join(f"{part}={os.path.join(a.weights_dir, str(path))}"
-                                                  for part, path in files.items())]
-        if a.limit:
-            args += ["--limit", str(a.limit)]
-        if a.cache_dir:
-            args += ["--cache-dir", a.cache_dir]
-        args += [f for f, on in (("--random-init", a.random_init), ("--force", a.force),
-                                 ("--no-progress", a.no_progress), ("--download", a.download)) if on]
-        cmd_run(build_parser().parse_args(args))
+        cmd_run(build_parser().parse_args(_suite_argv(a, suite, backbone, suite["methods"], datasets)))
+
+
+def _launch_suites(a: argparse.Namespace, suites: List[dict]) -> int:
+    """``--launcher local|slurm``: every (backbone, method, dataset) cell of every suite becomes one submitit job."""
+    from .launcher import Cell, JobSettings, submit_cells, wait_for
+
+    for key in ("data_dir", "weights_dir", "results_dir", "cache_dir"):  # jobs may start in another folder
+        if getattr(a, key):
+            setattr(a, key, os.path.abspath(getattr(a, key)))
+    cells = [Cell(f"{b}/{m}/{d}", _suite_argv(a, suite, b, [m], {d: root}))
+             for suite in suites for b in suite["backbones"] for m in suite["methods"]
+             for d, root in dict(suite["datasets"]).items()]
+    settings = JobSettings(folder=os.path.abspath(a.jobs_dir or os.path.join(a.results_dir, "jobs")),
+                           partition=a.partition, gpus=a.gpus, time_min=a.time, cpus=a.cpus, mem_gb=a.mem_gb,
+                           max_parallel=a.max_parallel)
+    jobs = submit_cells(main, cells, a.launcher, settings)
+    for job, cell in zip(jobs, cells):
+        print(f"submitted {cell.name}: job {job.job_id}")
+    if a.launcher == "slurm" and not a.wait:
+        print(f"logs in {settings.folder}; when the jobs are done: harness report --results-dir {a.results_dir}")
+        return 0
+    failed = wait_for(jobs, cells)
+    for line in failed:
+        print(f"failed: {line}", file=sys.stderr)
+    print(f"{len(cells) - len(failed)} of {len(cells)} cells finished; "
+          f"harness report --results-dir {a.results_dir} gathers them")
+    return 1 if failed else 0
+
+
+def _suite_argv(a: argparse.Namespace, suite: dict, backbone: str, methods: List[str],
+                datasets: Dict[str, str]) -> List[str]:
+    """The ``harness run`` arguments of ``methods`` x ``datasets`` ({name: root under --data-dir}) on ``backbone``."""
+    from .errors import ConfigError
+
+    args = ["run", str(suite["task"]), "--backbone", backbone, "--method", ",".join(methods),
+            "--dataset", ",".join(datasets),
+            "--data-root", ",".join(os.path.join(a.data_dir, r) for r in datasets.values()),
+            "--device", a.device, "--workers", str(a.workers), "--batch-size", str(a.batch_size),
+            "--results-dir", a.results_dir]
+    if suite.get("protocol"):
+        args += ["--protocol", str(suite["protocol"])]
+    files = (suite.get("method_weights") or {}).get(backbone) or {}
+    if not isinstance(files, dict):
+        raise ConfigError(f"suite file {a.file}: method_weights.{backbone} must map method parts to files")
+    if files:  # relative to --weights-dir
+        args += ["--method-weights", ",".join(f"{part}={os.path.join(a.weights_dir, str(path))}"
+                                              for part, path in files.items())]
+    if a.limit:
+        args += ["--limit", str(a.limit)]
+    if a.cache_dir:
+        args += ["--cache-dir", a.cache_dir]
+    args += [f for f, on in (("--random-init", a.random_init), ("--force", a.force),
+                             ("--no-progress", a.no_progress), ("--download", a.download)) if on]
+    return args
 
 
 def cmd_list(a: argparse.Namespace) -> int:

@@ -75,6 +75,7 @@ class LinearSegEvaluator(ProbeEvaluator):
     #: pixel: v1, logits bilinearly upsampled to the label, per-pixel cross-entropy; token: v2, cross-entropy
     #: of the token-grid logits against per-token label histograms
     fast_train_losses = ("pixel", "token")
+    ddp_modes = ("fast",)
 
     def _check_dataset(self, run: ProbeRun, spec: Any) -> None:
         if spec.num_classes < 1 or spec.num_classes >= IGNORE_INDEX:
@@ -218,7 +219,7 @@ class LinearSegEvaluator(ProbeEvaluator):
             return {"label": label.astype(np.uint8)}
 
         fill_cache(tr_cache, FixedViewSamples(train_ds, "seg", mean, std, pad_to=crop), featurize, train_fields, bs,
-                   cfg.num_workers, cfg.progress, f"cache {run.dataset}/{train_split}")
+                   cfg.num_workers, cfg.progress, f"cache {run.dataset}/{train_split}", dist=run.dist)
         # eval view: the test resize, sliding windows as in faithful (same token grid as the training crops)
         val_ds = self._val_dataset(run, spec)
         win = (int(s["slide_crop"][0]), int(s["slide_crop"][1]))
@@ -243,7 +244,7 @@ class LinearSegEvaluator(ProbeEvaluator):
             return {"label": label.astype(np.uint8), "img_hw": smp["img_hw"].numpy()}
 
         fill_cache(va_cache, FixedViewSamples(val_ds, "seg", mean, std), featurize_windows, eval_fields, 1,
-                   cfg.num_workers, cfg.progress, f"cache {run.dataset}/{run.eval_split}")
+                   cfg.num_workers, cfg.progress, f"cache {run.dataset}/{run.eval_split}", dist=run.dist)
         last: Dict[str, Any] = {}
 
         n = len(tr_cache)
@@ -268,12 +269,15 @@ class LinearSegEvaluator(ProbeEvaluator):
         def batches(start: int):
             sampler = IterationBatches(len(fit_idx), batch, start, int(s["max_iters"]), cfg.seed)
             for items in sampler:
-                idx = [fit_idx[k] for (_, _, k) in items]
-                if tg_cache is not None:  # v2: channels-first features, centred once for the whole grid
+                if tg_cache is not None:
+                    # v2: every rank trains on the whole global batch -- the heads cost milliseconds and the folded
+                    # BatchNorm of the v2 step then sees the global batch, so the run equals one process exactly
+                    idx = [fit_idx[k] for (_, _, k) in items]
                     counts = tg_cache.stack(idx, "counts", torch.float32).to(dev)  # (B, h, w, K)
                     yield (centre_batch(tr_cache.stack_channels_first(idx, "patch").to(dev)),
                            counts.reshape(-1, counts.shape[-1]))
-                else:
+                else:  # v1: this rank's slice of the global batch (all of it in one process)
+                    idx = [fit_idx[k] for (_, _, k) in run.dist.shard_batch(items)]
                     yield (tr_cache.stack(idx, "patch", torch.float32).to(dev),
                            tr_cache.stack(idx, "label", torch.int64).to(dev))
 
@@ -325,8 +329,9 @@ class LinearSegEvaluator(ProbeEvaluator):
                     count[:, :, y1:y2, x1:x2] += 1
                 pred = resize(logits / count, tuple(label.shape)).argmax(1)[0]  # mmseg: resize to ori, argmax
                 acc.update(pred.cpu(), label)
-        atomic_torch_save({"head": head.state_dict(), "in_channels": feat_dim, "num_classes": spec.num_classes,
-                           "lr": lrs[best]}, run.artifact("head.pt"), "probe head")
+        if run.dist.is_main:
+            atomic_torch_save({"head": head.state_dict(), "in_channels": feat_dim, "num_classes": spec.num_classes,
+                               "lr": lrs[best]}, run.artifact("head.pt"), "probe head")
         artifacts = {**self._write_curves(run, trainer), "head": run.artifact("head.pt"),
                      "train_cache": tr_cache.path, "eval_cache": va_cache.path}
         extra = {"selected_lr": lrs[best], "heldout": {nm: final[nm][metric] for nm in names},
