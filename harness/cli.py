@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--on-bad-image", choices=("fail", "skip"), default="fail",
                    help="a corrupt/truncated image or label map, or one of another size: stop with its name "
                         "(fail, default) or leave it out, list it in the record and mark the record partial (skip)")
+    r.add_argument("--profile", action="store_true",
+                   help="ovss: print where the run's wall time went (imports, model build, dataset screening, text, "
+                        "data loading, backbone, upsampling, post-processing, PAMR, metric, records) and store it "
+                        "in the record (settings.profile)")
 
     su = sub.add_parser("suite", help="run a matrix of backbones x methods x datasets from a YAML file",
                         description="Run every combination listed in a suite file (see configs/).")
@@ -234,16 +238,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from .errors import ConfigError
-    from .evaluators.base import RunConfig
-    from .registry import EVALUATORS
-    from .results.summary import format_record
+    from .profiling import StageTimer
+
+    timer = StageTimer(enabled=bool(getattr(a, "profile", False)))  # started before the imports it measures
+    with timer.stage("imports"):
+        from .errors import ConfigError
+        from .evaluators.base import RunConfig
+        from .registry import EVALUATORS
+        from .results.summary import format_record
 
     methods, datasets, roots = _split(a.method), _split(a.dataset), _split(a.data_root)
     if len(roots) != len(datasets):
         raise ConfigError(f"--data-root has {len(roots)} entries for {len(datasets)} datasets; give one per dataset")
     params = _parse_params(a.param)
-    evaluator = EVALUATORS.get(a.task)()
+    if timer.enabled and a.task != "ovss":
+        raise ConfigError(f"--profile: only the ovss task is profiled so far (got task {a.task!r})")
+    with timer.stage("imports"):
+        evaluator = EVALUATORS.get(a.task)()
     split = a.split or ("test" if a.task == "depth" else "val")
     from .models import parse_method_weights
 
@@ -255,9 +266,15 @@ def cmd_run(a: argparse.Namespace) -> int:
                         allow_download=a.download, device=a.device,
                         batch_size=a.batch_size, num_workers=a.workers, limit=a.limit, results_dir=a.results_dir,
                         cache_dir=a.cache_dir, force=a.force, seed=a.seed, progress=not a.no_progress,
-                        save_predictions=a.save_predictions, on_bad_image=a.on_bad_image)
-        for rec in evaluator.run_methods(cfg, methods):  # OVSS: one pass sharing data, text and trunk
+                        save_predictions=a.save_predictions, on_bad_image=a.on_bad_image,
+                        profiler=timer if timer.enabled else None)
+        recs = evaluator.run_methods(cfg, methods)  # OVSS: one pass sharing data, text and trunk
+        wall = timer.wall()
+        for rec in recs:
             print(format_record(rec))
+        if timer.enabled:
+            print(timer.format(f"profile ({a.task} {ds}, {','.join(methods)})", wall))
+            timer = StageTimer()  # the next dataset gets its own breakdown
     return 0
 
 
