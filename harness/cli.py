@@ -10,7 +10,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from typing import Any, Dict, List, Optional, Sequence
+
+#: when this module was imported: the start of a command-line run for ``--profile`` (Python's own start-up before
+#: it is not counted)
+_LOADED_AT = time.perf_counter()
 
 
 class _Tasks:
@@ -106,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--on-bad-image", choices=("fail", "skip"), default="fail",
                    help="a corrupt/truncated image or label map, or one of another size: stop with its name "
                         "(fail, default) or leave it out, list it in the record and mark the record partial (skip)")
+    r.add_argument("--profile", action="store_true",
+                   help="ovss: print where the run's wall time went (imports, model build, dataset screening, text, "
+                        "data loading, backbone, upsampling, post-processing, PAMR, metric, records) and store it "
+                        "in the record (settings.profile)")
 
     su = sub.add_parser("suite", help="run a matrix of backbones x methods x datasets from a YAML file",
                         description="Run every combination listed in a suite file (see configs/).")
@@ -272,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
+    from .profiling import StageTimer
+
+    timer = StageTimer(enabled=bool(getattr(a, "profile", False)))
+    timer.started = getattr(a, "started", timer.started)  # main()'s start: argument parsing imports the registry
     from .errors import ConfigError
     from .evaluators.base import RunConfig
     from .registry import EVALUATORS
@@ -281,7 +294,10 @@ def cmd_run(a: argparse.Namespace) -> int:
     if len(roots) != len(datasets):
         raise ConfigError(f"--data-root has {len(roots)} entries for {len(datasets)} datasets; give one per dataset")
     params = _parse_params(a.param)
+    if timer.enabled and a.task != "ovss":
+        raise ConfigError(f"--profile: only the ovss task is profiled so far (got task {a.task!r})")
     evaluator = EVALUATORS.get(a.task)()
+    timer.add("imports", time.perf_counter() - timer.started)  # everything up to here: parsing and imports
     split = a.split or ("test" if a.task == "depth" else "val")
     from .models import parse_method_weights
 
@@ -293,9 +309,15 @@ def cmd_run(a: argparse.Namespace) -> int:
                         allow_download=a.download, device=a.device,
                         batch_size=a.batch_size, num_workers=a.workers, limit=a.limit, results_dir=a.results_dir,
                         cache_dir=a.cache_dir, force=a.force, seed=a.seed, progress=not a.no_progress,
-                        save_predictions=a.save_predictions, on_bad_image=a.on_bad_image)
-        for rec in evaluator.run_methods(cfg, methods):  # OVSS: one pass sharing data, text and trunk
+                        save_predictions=a.save_predictions, on_bad_image=a.on_bad_image,
+                        profiler=timer if timer.enabled else None)
+        recs = evaluator.run_methods(cfg, methods)  # OVSS: one pass sharing data, text and trunk
+        wall = timer.wall()
+        for rec in recs:
             print(format_record(rec))
+        if timer.enabled:
+            print(timer.format(f"profile ({a.task} {ds}, {','.join(methods)})", wall))
+            timer = StageTimer()  # the next dataset gets its own breakdown (from now: its imports are done)
     return 0
 
 
@@ -580,7 +602,9 @@ def _terminate_like_ctrl_c(signum: int, frame: Any) -> None:  # noqa: ARG001 - s
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    started = _LOADED_AT if argv is None else time.perf_counter()  # argv None: this process is the command
     args = build_parser().parse_args(argv)
+    args.started = started
     if not getattr(args, "download", False):  # no network must never mean a stalled run (README "Weights")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import signal

@@ -26,6 +26,7 @@ from ..errors import ConfigError
 from ..io_safety import ensure_writable_dir, file_lock
 from ..methods.base import DenseModel, split_composition
 from ..models import attach_method, build_dense_model, canonical_method
+from ..profiling import StageTimer
 from ..protocols import Protocol, get_protocol
 from ..registry import BACKBONES, DATASETS, METHODS
 from ..results.record import RunRecord, read_record, record_path, run_key
@@ -60,6 +61,7 @@ class RunConfig:
     save_predictions: Optional[str] = None  # folder for per-image prediction PNGs (label indices)
     on_bad_image: str = "fail"  # "skip": leave unreadable samples out, list them, mark the record partial
     extra: Dict[str, Any] = field(default_factory=dict)
+    profiler: Optional[StageTimer] = None  # --profile: stage timings, printed and stored in the record (ovss)
 
 
 @dataclass
