@@ -1,4 +1,4 @@
-"""The ``harness`` command line: run, list, data, report, demo.
+"""The ``harness`` command line: run, list, data, report, demo, sensitivity.
 
 Errors the user can fix (missing data, weights, unknown names, bad options) print one message and exit
 with status 2; a traceback appears only with ``--debug``. Ctrl-C and SIGTERM save partial state and exit 130 / 143
@@ -10,7 +10,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from typing import Any, Dict, List, Optional, Sequence
+
+#: when this module was imported: the start of a command-line run for ``--profile`` (Python's own start-up before
+#: it is not counted)
+_LOADED_AT = time.perf_counter()
 
 
 class _Tasks:
@@ -106,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--on-bad-image", choices=("fail", "skip"), default="fail",
                    help="a corrupt/truncated image or label map, or one of another size: stop with its name "
                         "(fail, default) or leave it out, list it in the record and mark the record partial (skip)")
+    r.add_argument("--profile", action="store_true",
+                   help="ovss: print where the run's wall time went (imports, model build, dataset screening, text, "
+                        "data loading, backbone, upsampling, post-processing, PAMR, metric, records) and store it "
+                        "in the record (settings.profile)")
 
     su = sub.add_parser("suite", help="run a matrix of backbones x methods x datasets from a YAML file",
                         description="Run every combination listed in a suite file (see configs/).")
@@ -120,6 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
     su.add_argument("--batch-size", type=int, default=0)
     su.add_argument("--results-dir", default="results")
     su.add_argument("--cache-dir", default=None)
+    su.add_argument("--launcher", choices=("inline", "local", "slurm"), default="inline",
+                    help="inline: run here, one after another (default); local: one submitit process per cell; "
+                         "slurm: one Slurm job per cell (a job array); then `harness report` gathers the records")
+    su.add_argument("--partition", default=None, help="slurm: the partition the jobs go to")
+    su.add_argument("--gpus", type=int, default=0, help="local/slurm: GPUs per job (one task per GPU, DDP)")
+    su.add_argument("--time", type=int, default=240, metavar="MINUTES", help="local/slurm: time limit per job")
+    su.add_argument("--cpus", type=int, default=8, help="local/slurm: CPUs per job")
+    su.add_argument("--mem-gb", type=int, default=None, help="local/slurm: memory per job")
+    su.add_argument("--max-parallel", type=int, default=0, help="slurm: most array jobs running at once (0 = any)")
+    su.add_argument("--jobs-dir", default=None, help="local/slurm: submitit logs and pickles "
+                                                      "(default <results-dir>/jobs)")
+    su.add_argument("--wait", action="store_true", help="slurm: wait for the jobs and report failed cells "
+                                                         "(local always waits)")
 
     t = sub.add_parser("ttr", help="test-time registers: find register neurons")
     tsub = t.add_subparsers(dest="ttr_command", required=True)
@@ -230,10 +252,39 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo_output", help="folder for the demo data and results")
     demo.add_argument("--images", type=int, default=4)
     demo.add_argument("--device", default="auto")
+
+    se = sub.add_parser("sensitivity", help="one method under every protocol and one knob at a time around one",
+                        description="Run one method on one dataset under every registered protocol of the task "
+                                    "and under variants of --protocol that change one --knobs value each; writes "
+                                    "sensitivity.csv/.md/.png to --out (rows are run records in --results-dir).")
+    se.add_argument("--task", default="ovss", help="task (ovss: the knob grid is OVSS settings)")
+    se.add_argument("--backbone", required=True, help="backbone id (harness list backbones)")
+    se.add_argument("--method", required=True, help="method name (harness list methods)")
+    se.add_argument("--dataset", required=True, help="dataset name (harness list datasets)")
+    se.add_argument("--data-root", required=True, help="dataset root")
+    se.add_argument("--protocol", default=None, help="protocol id or YAML path to vary (default: the task's default)")
+    se.add_argument("--knobs", default="resize,crop,stride,logit_scale,prob_thd,pamr,name_set",
+                    help="comma-separated knobs to vary one at a time ('' for none)")
+    se.add_argument("--no-other-protocols", action="store_true", help="only --protocol and its variants")
+    se.add_argument("--out", default="sensitivity", help="folder for the variant protocols, table and plot")
+    _model_options(se)
+    se.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="method parameter")
+    se.add_argument("--split", default="val")
+    se.add_argument("--batch-size", type=int, default=0)
+    se.add_argument("--workers", type=int, default=2)
+    se.add_argument("--limit", type=int, default=None, help="first N images only (smoke runs; recorded)")
+    se.add_argument("--results-dir", default="results")
+    se.add_argument("--cache-dir", default=None)
+    se.add_argument("--force", action="store_true", help="re-run even if finished records exist")
+    se.add_argument("--no-progress", action="store_true")
     return p
 
 
 def cmd_run(a: argparse.Namespace) -> int:
+    from .profiling import StageTimer
+
+    timer = StageTimer(enabled=bool(getattr(a, "profile", False)))
+    timer.started = getattr(a, "started", timer.started)  # main()'s start: argument parsing imports the registry
     from .errors import ConfigError
     from .evaluators.base import RunConfig
     from .registry import EVALUATORS
@@ -243,7 +294,10 @@ def cmd_run(a: argparse.Namespace) -> int:
     if len(roots) != len(datasets):
         raise ConfigError(f"--data-root has {len(roots)} entries for {len(datasets)} datasets; give one per dataset")
     params = _parse_params(a.param)
+    if timer.enabled and a.task != "ovss":
+        raise ConfigError(f"--profile: only the ovss task is profiled so far (got task {a.task!r})")
     evaluator = EVALUATORS.get(a.task)()
+    timer.add("imports", time.perf_counter() - timer.started)  # everything up to here: parsing and imports
     split = a.split or ("test" if a.task == "depth" else "val")
     from .models import parse_method_weights
 
@@ -255,9 +309,15 @@ def cmd_run(a: argparse.Namespace) -> int:
                         allow_download=a.download, device=a.device,
                         batch_size=a.batch_size, num_workers=a.workers, limit=a.limit, results_dir=a.results_dir,
                         cache_dir=a.cache_dir, force=a.force, seed=a.seed, progress=not a.no_progress,
-                        save_predictions=a.save_predictions, on_bad_image=a.on_bad_image)
-        for rec in evaluator.run_methods(cfg, methods):  # OVSS: one pass sharing data, text and trunk
+                        save_predictions=a.save_predictions, on_bad_image=a.on_bad_image,
+                        profiler=timer if timer.enabled else None)
+        recs = evaluator.run_methods(cfg, methods)  # OVSS: one pass sharing data, text and trunk
+        wall = timer.wall()
+        for rec in recs:
             print(format_record(rec))
+        if timer.enabled:
+            print(timer.format(f"profile ({a.task} {ds}, {','.join(methods)})", wall))
+            timer = StageTimer()  # the next dataset gets its own breakdown (from now: its imports are done)
     return 0
 
 
@@ -281,6 +341,8 @@ def cmd_suite(a: argparse.Namespace) -> int:
         unknown = set(suite) - {*need, "protocol", "method_weights"}
         if unknown:
             raise ConfigError(f"suite file {a.file}: unknown key(s) {', '.join(sorted(unknown))}")
+    if a.launcher != "inline":
+        return _launch_suites(a, suites)
     for suite in suites:
         _run_suite(a, suite)
     return 0
@@ -288,30 +350,63 @@ def cmd_suite(a: argparse.Namespace) -> int:
 
 def _run_suite(a: argparse.Namespace, suite: dict) -> None:
     """The runs of one (checked) suite document."""
-    from .errors import ConfigError
-
     datasets = dict(suite["datasets"])
     for backbone in suite["backbones"]:
-        args = ["run", str(suite["task"]), "--backbone", backbone, "--method", ",".join(suite["methods"]),
-                "--dataset", ",".join(datasets),
-                "--data-root", ",".join(os.path.join(a.data_dir, r) for r in datasets.values()),
-                "--device", a.device, "--workers", str(a.workers), "--batch-size", str(a.batch_size),
-                "--results-dir", a.results_dir]
-        if suite.get("protocol"):
-            args += ["--protocol", str(suite["protocol"])]
-        files = (suite.get("method_weights") or {}).get(backbone) or {}
-        if not isinstance(files, dict):
-            raise ConfigError(f"suite file {a.file}: method_weights.{backbone} must map method parts to files")
-        if files:  # relative to --weights-dir
-            args += ["--method-weights", ",".join(f"{part}={os.path.join(a.weights_dir, str(path))}"
-                                                  for part, path in files.items())]
-        if a.limit:
-            args += ["--limit", str(a.limit)]
-        if a.cache_dir:
-            args += ["--cache-dir", a.cache_dir]
-        args += [f for f, on in (("--random-init", a.random_init), ("--force", a.force),
-                                 ("--no-progress", a.no_progress), ("--download", a.download)) if on]
-        cmd_run(build_parser().parse_args(args))
+        cmd_run(build_parser().parse_args(_suite_argv(a, suite, backbone, suite["methods"], datasets)))
+
+
+def _launch_suites(a: argparse.Namespace, suites: List[dict]) -> int:
+    """``--launcher local|slurm``: every (backbone, method, dataset) cell of every suite becomes one submitit job."""
+    from .launcher import Cell, JobSettings, submit_cells, wait_for
+
+    for key in ("data_dir", "weights_dir", "results_dir", "cache_dir"):  # jobs may start in another folder
+        if getattr(a, key):
+            setattr(a, key, os.path.abspath(getattr(a, key)))
+    cells = [Cell(f"{b}/{m}/{d}", _suite_argv(a, suite, b, [m], {d: root}))
+             for suite in suites for b in suite["backbones"] for m in suite["methods"]
+             for d, root in dict(suite["datasets"]).items()]
+    settings = JobSettings(folder=os.path.abspath(a.jobs_dir or os.path.join(a.results_dir, "jobs")),
+                           partition=a.partition, gpus=a.gpus, time_min=a.time, cpus=a.cpus, mem_gb=a.mem_gb,
+                           max_parallel=a.max_parallel)
+    jobs = submit_cells(main, cells, a.launcher, settings)
+    for job, cell in zip(jobs, cells):
+        print(f"submitted {cell.name}: job {job.job_id}")
+    if a.launcher == "slurm" and not a.wait:
+        print(f"logs in {settings.folder}; when the jobs are done: harness report --results-dir {a.results_dir}")
+        return 0
+    failed = wait_for(jobs, cells)
+    for line in failed:
+        print(f"failed: {line}", file=sys.stderr)
+    print(f"{len(cells) - len(failed)} of {len(cells)} cells finished; "
+          f"harness report --results-dir {a.results_dir} gathers them")
+    return 1 if failed else 0
+
+
+def _suite_argv(a: argparse.Namespace, suite: dict, backbone: str, methods: List[str],
+                datasets: Dict[str, str]) -> List[str]:
+    """The ``harness run`` arguments of ``methods`` x ``datasets`` ({name: root under --data-dir}) on ``backbone``."""
+    from .errors import ConfigError
+
+    args = ["run", str(suite["task"]), "--backbone", backbone, "--method", ",".join(methods),
+            "--dataset", ",".join(datasets),
+            "--data-root", ",".join(os.path.join(a.data_dir, r) for r in datasets.values()),
+            "--device", a.device, "--workers", str(a.workers), "--batch-size", str(a.batch_size),
+            "--results-dir", a.results_dir]
+    if suite.get("protocol"):
+        args += ["--protocol", str(suite["protocol"])]
+    files = (suite.get("method_weights") or {}).get(backbone) or {}
+    if not isinstance(files, dict):
+        raise ConfigError(f"suite file {a.file}: method_weights.{backbone} must map method parts to files")
+    if files:  # relative to --weights-dir
+        args += ["--method-weights", ",".join(f"{part}={os.path.join(a.weights_dir, str(path))}"
+                                              for part, path in files.items())]
+    if a.limit:
+        args += ["--limit", str(a.limit)]
+    if a.cache_dir:
+        args += ["--cache-dir", a.cache_dir]
+    args += [f for f, on in (("--random-init", a.random_init), ("--force", a.force),
+                             ("--no-progress", a.no_progress), ("--download", a.download)) if on]
+    return args
 
 
 def cmd_list(a: argparse.Namespace) -> int:
@@ -395,6 +490,24 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return run_demo(a.out, a.images, a.device)
 
 
+def cmd_sensitivity(a: argparse.Namespace) -> int:
+    from .evaluators.base import RunConfig
+    from .sensitivity import run_sensitivity
+
+    cfg = RunConfig(task=a.task, backbone=a.backbone, method=a.method, dataset=a.dataset,
+                    data_root=os.path.expanduser(a.data_root), method_params=_parse_params(a.param), split=a.split,
+                    protocol=a.protocol, weights=a.weights, random_init=a.random_init, allow_download=a.download,
+                    device=a.device, batch_size=a.batch_size, num_workers=a.workers, limit=a.limit,
+                    results_dir=a.results_dir, cache_dir=a.cache_dir, force=a.force, progress=not a.no_progress)
+    res = run_sensitivity(cfg, a.out, _split(a.knobs), all_protocols=not a.no_other_protocols)
+    for row in res["rows"]:
+        v = row.variant
+        print(f"{v.protocol_id:<40} mIoU {row.record.metrics['mIoU']:.2f}" + (f"  FLAG: {'; '.join(row.flags)}"
+                                                                            if row.flags else ""))
+    print(f"table: {res['md']} ({res['csv']})\nplot:  {res['png']}")
+    return 0
+
+
 def cmd_viz(a: argparse.Namespace) -> int:
     """``harness viz``: build the methods on one backbone (as ``harness run`` does), draw, write the page."""
     from .errors import ConfigError
@@ -476,7 +589,8 @@ def cmd_distill(a: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "ttr": cmd_ttr, "distill": cmd_distill, "suite": cmd_suite, "list": cmd_list,
-            "data": cmd_data, "report": cmd_report, "demo": cmd_demo, "viz": cmd_viz}
+            "data": cmd_data, "report": cmd_report, "demo": cmd_demo, "viz": cmd_viz,
+            "sensitivity": cmd_sensitivity}
 
 
 def _terminate_like_ctrl_c(signum: int, frame: Any) -> None:  # noqa: ARG001 - signal API
@@ -488,7 +602,9 @@ def _terminate_like_ctrl_c(signum: int, frame: Any) -> None:  # noqa: ARG001 - s
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    started = _LOADED_AT if argv is None else time.perf_counter()  # argv None: this process is the command
     args = build_parser().parse_args(argv)
+    args.started = started
     if not getattr(args, "download", False):  # no network must never mean a stalled run (README "Weights")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import signal

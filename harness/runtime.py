@@ -5,7 +5,7 @@ import contextlib
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, List, Optional, Sequence
 
 import torch
 
@@ -21,6 +21,54 @@ class Dist:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def per_rank(self, global_batch: int, what: str = "batch_size") -> int:
+        """This rank's share of a protocol's global batch: the numbers do not depend on the number of ranks,
+        so a global batch the ranks cannot split evenly is refused."""
+        if global_batch % self.world_size:
+            from .errors import ConfigError
+
+            raise ConfigError(f"the protocol's {what} {global_batch} does not split over {self.world_size} torchrun "
+                              f"processes; use a number of processes that divides it")
+        return global_batch // self.world_size
+
+    def shard_batch(self, items: Sequence[Any], what: str = "batch_size") -> List[Any]:
+        """This rank's consecutive slice of one global batch (rank r gets slots r*b .. (r+1)*b-1)."""
+        b = self.per_rank(len(items), what)
+        return list(items[self.rank * b:(self.rank + 1) * b])
+
+    def average_gradients(self, params: Iterable[torch.nn.Parameter]) -> None:
+        """Replace each gradient by its mean over the ranks (what DDP does after backward), one flat all-reduce."""
+        if self.world_size <= 1:
+            return
+        import torch.distributed as dist
+
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        k = 0
+        for g in grads:
+            g.copy_(flat[k:k + g.numel()].view_as(g))
+            k += g.numel()
+
+    def mean(self, values: Sequence[float]) -> List[float]:
+        """The mean of each value over the ranks (e.g. per-rank losses, for curves that match one process)."""
+        if self.world_size <= 1:
+            return [float(v) for v in values]
+        import torch.distributed as dist
+
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        dist.all_reduce(t)
+        return (t / self.world_size).tolist()
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
 
 
 def init_distributed() -> Dist:

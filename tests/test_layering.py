@@ -11,7 +11,7 @@ from typing import Dict, List, Set
 
 PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "harness")
 #: the layers on top: they may import anything
-TOP = ("harness.cli", "harness.demo", "harness.evaluators")
+TOP = ("harness.cli", "harness.demo", "harness.sensitivity", "harness.evaluators")
 
 
 def _module_name(path: str) -> str:

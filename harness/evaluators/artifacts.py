@@ -20,7 +20,6 @@ backbone trunk through :func:`~harness.ovss.inference.shared_trunk_features`).
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -32,7 +31,6 @@ import torch
 from ..datasets.safety import screen_images
 from ..errors import ConfigError, DataError
 from ..image_folder import load_image
-from ..io_safety import file_lock
 from ..methods.pamr import pamr
 from ..methods.tta import View, apply_view, source_positions, view_plan
 from ..metrics.artifacts import (
@@ -52,10 +50,10 @@ from ..text.encoder import TextQueries, class_queries
 from ..text.names import check_class_count, load_name_set
 from .base import (
     Evaluator,
-    Identity,
     Resolved,
     RunConfig,
     build_models,
+    claimed,
     finished,
     identify,
     make_record,
@@ -250,14 +248,7 @@ class ArtifactsEvaluator(Evaluator):
         if not jobs:
             return [records[i] for i in range(len(models))]
 
-        with contextlib.ExitStack() as locks:  # a second run of the same records waits, then reads them back
-            for job in sorted(jobs, key=lambda j: j.path):
-                locks.enter_context(file_lock(job.path, "run record"))
-            for job in list(jobs):
-                done_rec = finished(Identity(job.key, job.path), cfg)
-                if done_rec is not None:
-                    records[job.index] = done_rec
-                    jobs.remove(job)
+        with claimed(jobs, cfg, records):
             if jobs:
                 self._pass(cfg, res, jobs, records, base, device)
         return [records[i] for i in range(len(models))]

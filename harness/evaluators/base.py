@@ -13,18 +13,20 @@ A run goes through the same steps whatever the task (``ovss``, ``linear-seg``, `
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..datasets.safety import ON_BAD_IMAGE
 from ..errors import ConfigError
-from ..io_safety import ensure_writable_dir
+from ..io_safety import ensure_writable_dir, file_lock
 from ..methods.base import DenseModel, split_composition
 from ..models import attach_method, build_dense_model, canonical_method
+from ..profiling import StageTimer
 from ..protocols import Protocol, get_protocol
 from ..registry import BACKBONES, DATASETS, METHODS
 from ..results.record import RunRecord, read_record, record_path, run_key
@@ -59,6 +61,7 @@ class RunConfig:
     save_predictions: Optional[str] = None  # folder for per-image prediction PNGs (label indices)
     on_bad_image: str = "fail"  # "skip": leave unreadable samples out, list them, mark the record partial
     extra: Dict[str, Any] = field(default_factory=dict)
+    profiler: Optional[StageTimer] = None  # --profile: stage timings, printed and stored in the record (ovss)
 
 
 @dataclass
@@ -177,6 +180,23 @@ def finished(ident: Identity, cfg: RunConfig) -> Optional[RunRecord]:
     if os.path.isfile(ident.path) and not cfg.force:
         return read_record(ident.path)
     return None
+
+
+@contextlib.contextmanager
+def claimed(jobs: List[Any], cfg: RunConfig, records: Dict[int, RunRecord], enabled: bool = True) -> Iterator[None]:
+    """Hold the record lock of every job (``.key``, ``.path``, ``.index``) for the block; a job that another run
+    finished meanwhile is read back into ``records`` and removed from ``jobs``, so a second identical run waits
+    and then reuses the first one's records instead of recomputing them (locks taken in path order)."""
+    with contextlib.ExitStack() as locks:
+        if enabled:
+            for job in sorted(jobs, key=lambda j: j.path):
+                locks.enter_context(file_lock(job.path, "run record"))
+            for job in list(jobs):
+                done = finished(Identity(job.key, job.path), cfg)
+                if done is not None:
+                    records[job.index] = done
+                    jobs.remove(job)
+        yield
 
 
 def make_record(task: str, res: Resolved, model: DenseModel, cfg: RunConfig, metrics: Dict[str, float],

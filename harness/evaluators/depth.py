@@ -10,7 +10,10 @@ flipped frame, Eigen crop, 0.001 < d < 10; metrics per image, averaged over imag
 Protocols: ``faithful`` (DVT's NYU recipe: NYUCrop, rotation, flip, random crop 416x544, colour
 augmentation; AdamW 5e-3, wd 0.01, grad clip 35, cosine with 12.8k warm-up and one-cycle momentum,
 38.4k iterations at batch 16) and ``fast`` (cached fixed views, a learning-rate grid, best head on a
-held-out part of train by ``abs_rel``).
+held-out part of train by ``abs_rel``). ``fast`` version 2 (``train_loss: head-output``) computes the
+training loss at the head's output resolution (4x the token grid) against the valid-masked mean of the
+depth pixels each output cell covers, derived once per cached view (``probes/targets.py``); version 1
+(``pixel``) resized the prediction to the 416x544 view. Held-out selection and test stay at full resolution.
 """
 from __future__ import annotations
 
@@ -35,8 +38,9 @@ from ..probes.data import (
 )
 from ..probes.extract import FixedViewSamples, fill_cache
 from ..probes.features import dense_features, depth_flip_average, depth_from_features, resize
-from ..probes.heads import DepthBinsHead, HeadBank, depth_head_input
+from ..probes.heads import DepthBinsHead, HeadBank, depth_head_input, depth_head_split_forward
 from ..probes.losses import depth_loss
+from ..probes.targets import derive_cache, masked_mean_pool
 from ..probes.trainer import ProbeTrainer
 from ..registry import EVALUATORS
 from ..results.record import RunRecord
@@ -81,6 +85,9 @@ class DepthEvaluator(ProbeEvaluator):
 
     task = TASK
     optimiser_source = "DVT's NYU probe optimiser"
+    #: pixel: v1, prediction resized to the depth map; head-output: v2, loss at the head's output resolution
+    #: against the valid-masked mean depth of each output cell
+    fast_train_losses = ("pixel", "head-output")
     default_eval_split = "test"
     common_keys, faithful_keys, fast_keys = COMMON_KEYS, FAITHFUL_KEYS, FAST_KEYS
 
@@ -112,6 +119,25 @@ class DepthEvaluator(ProbeEvaluator):
         run.notes.append("depth metrics computed per image and averaged over images (toolbox/DVT); rmse, sq_rel in "
                          "metres, delta1-3 in percent, silog x100; Eigen crop, 0.001 < d < 10 m")
         return run.finish(record_metrics(m), len(acc), extra)
+
+    def _output_targets(self, run: ProbeRun, tr_cache: FeatureCache) -> FeatureCache:
+        """Depth (metres) of every cached training view pooled onto the head's output grid (valid-masked mean),
+        derived once into a sibling cache."""
+        grid = tuple(tr_cache.shape(0, "patch")[1:])
+        up = int(run.settings["upsample"])
+        out = (int(grid[0]) * up, int(grid[1]) * up)
+        scale = float(run.settings["depth_rescale_factor"])
+        tg = run.derived_cache(tr_cache, "masked-mean-depth", {"grid": list(out), "depth_rescale_factor": scale},
+                               {"depth": "float32"})
+
+        def item(i: int) -> Dict[str, np.ndarray]:
+            if tuple(tr_cache.shape(i, "patch")[1:]) != grid:
+                raise DataError(f"cached training view {i} of {tr_cache.path} has another token grid than the "
+                                f"first; delete the cache directory to rebuild it")
+            return {"depth": masked_mean_pool(np.asarray(tr_cache.get(i, "depth"), dtype=np.float64) * scale, out)}
+
+        desc = f"targets {run.dataset}/{run.settings['train_split']}"
+        return derive_cache(tr_cache, tg, item, run.cfg.progress, desc)
 
     # -- faithful --------------------------------------------------------------------------------
     def _faithful(self, run: ProbeRun, spec: Any, train_split: str) -> RunRecord:
@@ -233,11 +259,14 @@ class DepthEvaluator(ProbeEvaluator):
         perm = np.random.default_rng([cfg.seed, 1]).permutation(n)
         hold_idx, fit_idx = sorted(perm[:n_hold].tolist()), perm[n_hold:].tolist()
         in_ch = int(tr_cache.shape(0, "patch")[0] + tr_cache.shape(0, "cls")[0])
+        train_loss = self._train_loss(run)
+        tg_cache = self._output_targets(run, tr_cache) if train_loss == "head-output" else None
         with seeded(cfg.seed):
             heads = HeadBank([self._head(run, in_ch) for _ in lrs]).to(dev)
         names = [lr_name(lr) for lr in lrs]
-        trainer = self._trainer(run, heads, names, lrs, {"mode": "fast", "cache": tr_cache.path},
-                                f"{TASK} fast {run.dataset}")
+        fp = {"mode": "fast", "cache": tr_cache.path, "train_loss": train_loss,
+              **({"targets": tg_cache.path} if tg_cache is not None else {})}
+        trainer = self._trainer(run, heads, names, lrs, fp, f"{TASK} fast {run.dataset}")
         batch = int(s["batch_size"])
         warm = int(s["sigloss_warmup_iters"])
 
@@ -250,10 +279,18 @@ class DepthEvaluator(ProbeEvaluator):
             sampler = IterationBatches(len(fit_idx), batch, start, int(s["max_iters"]), cfg.seed)
             for items in sampler:
                 idx = [fit_idx[k] for (_, _, k) in items]
-                yield load(tr_cache, idx), tr_cache.stack(idx, "depth", torch.float32).to(dev)[:, None] * scale
+                if tg_cache is not None:  # v2: patch and CLS apart, depth already at the head's output size
+                    yield ((tr_cache.stack(idx, "patch", torch.float32).to(dev),
+                            tr_cache.stack(idx, "cls", torch.float32).to(dev)),
+                           tg_cache.stack(idx, "depth", torch.float32).to(dev)[:, None])
+                else:
+                    yield load(tr_cache, idx), tr_cache.stack(idx, "depth", torch.float32).to(dev)[:, None] * scale
 
-        def loss_fn(b: Tuple[torch.Tensor, torch.Tensor], it: int, j: int) -> torch.Tensor:
+        def loss_fn(b: Tuple[Any, torch.Tensor], it: int, j: int) -> torch.Tensor:
             x, gt = b
+            if tg_cache is not None:
+                return depth_loss(depth_head_split_forward(heads.heads[j], *x), gt, it, warm_iters=warm,
+                                  **s["loss"])
             return depth_loss(resize(heads.heads[j](x), tuple(gt.shape[-2:])), gt, it, warm_iters=warm, **s["loss"])
 
         metric = str(s["select_metric"])
@@ -302,8 +339,16 @@ class DepthEvaluator(ProbeEvaluator):
                  # sanity reference: predict the mean valid depth of the fit views everywhere, tested identically
                  "baseline_mean_depth": {"depth_m": mean_depth, **record_metrics(bm)},
                  "artifacts": {"head": run.artifact("head.pt"), "train_cache": tr_cache.path,
-                               "test_cache": te_cache.path}, "inference_batch": bs}
+                               "test_cache": te_cache.path}, "inference_batch": bs,
+                 "train_loss": train_loss, "train_seconds": trainer.train_seconds}
+        loss_note = "training loss at the depth map's resolution"
+        if tg_cache is not None:
+            extra["artifacts"]["train_targets_cache"] = tg_cache.path
+            extra["cache_bytes_per_image"]["train targets"] = tg_cache.nbytes / max(1, n)
+            extra["train_target_grid"] = list(tg_cache.shape(0, "depth"))
+            loss_note = ("training loss at the head's output resolution against the valid-masked mean depth of "
+                         "each output cell (not the full-resolution loss of faithful)")
         run.notes.append("fast protocol (not faithful): one fixed view per training image (NYUCrop + centre crop), "
-                         f"features cached in fp16, {len(lrs)} heads (lr grid) trained together, best by held-out "
-                         f"{metric} on {n_hold} train images")
+                         f"features cached in fp16, {len(lrs)} heads (lr grid) trained together, {loss_note}, "
+                         f"best by held-out {metric} on {n_hold} train images")
         return self._finish(run, trainer, acc, extra)

@@ -8,13 +8,16 @@ Protocols (``harness/protocols/linear-seg/*.yaml``):
   warm-up, 40k iterations at global batch 16, sliding-window test 512/341, mmseg IoUMetric semantics.
 * ``fast`` -- one fixed view per image cached in fp16, a learning-rate grid of heads trained together,
   the best kept on a held-out part of train, sliding-window test as faithful; its records say ``fast``.
+  Version 2 (``train_loss: token``) computes the training loss on the token grid against each token's
+  label histogram (``probes/targets.py``), derived once from the cached labels; version 1 (``pixel``)
+  upsampled every head's logits to the 512x512 label. Held-out selection and test stay at full resolution.
 
 The probe sees ``DenseFeatures.patch`` from the chosen method, so cleaned and uncleaned features of any
 backbone (DINOv2, CLIP with MaskCLIP's value path, ...) are probed the same way.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -24,6 +27,7 @@ from torch.utils.data import DataLoader
 from ..errors import ConfigError, DataError
 from ..io_safety import atomic_torch_save
 from ..metrics.segmentation import IoUAccumulator
+from ..probes.cache import FeatureCache
 from ..probes.common import lr_name, seeded
 from ..probes.data import (
     IGNORE_INDEX,
@@ -36,7 +40,8 @@ from ..probes.data import (
 )
 from ..probes.extract import FixedViewSamples, fill_cache
 from ..probes.features import dense_features, padded_grid, resize, slide_logits, slide_windows
-from ..probes.heads import HeadBank, LinearSegHead
+from ..probes.heads import HeadBank, LinearSegHead, centre_batch, seg_grid_train_logits
+from ..probes.targets import FP16_EXACT_INT, derive_cache, label_counts, token_seg_losses
 from ..registry import EVALUATORS
 from ..results.record import RunRecord
 from .probe_base import ProbeEvaluator, ProbeRun
@@ -67,6 +72,10 @@ class LinearSegEvaluator(ProbeEvaluator):
     task = TASK
     optimiser_source = "the DINOv2/DVT probe optimiser"
     common_keys, faithful_keys, fast_keys = COMMON_KEYS, FAITHFUL_KEYS, FAST_KEYS
+    #: pixel: v1, logits bilinearly upsampled to the label, per-pixel cross-entropy; token: v2, cross-entropy
+    #: of the token-grid logits against per-token label histograms
+    fast_train_losses = ("pixel", "token")
+    ddp_modes = ("fast",)
 
     def _check_dataset(self, run: ProbeRun, spec: Any) -> None:
         if spec.num_classes < 1 or spec.num_classes >= IGNORE_INDEX:
@@ -83,6 +92,28 @@ class LinearSegEvaluator(ProbeEvaluator):
         per_class = {c: {"IoU": iou, "Acc": a} for c, iou, a in zip(names, m["IoU"], m["Acc"])}
         run.notes.append("metrics x100; IoU accumulated over the split, mIoU = nanmean over classes (mmseg IoUMetric)")
         return run.finish({"mIoU": m["mIoU"], "mAcc": m["mAcc"], "aAcc": m["aAcc"]}, n_images, extra, per_class)
+
+    def _token_targets(self, run: ProbeRun, spec: Any, tr_cache: FeatureCache) -> FeatureCache:
+        """Per-token label counts of every cached training view, derived once into a sibling cache; stored
+        token-major (h, w, K), the layout of the v2 step's logits."""
+        grid = tuple(tr_cache.shape(0, "patch")[1:])
+        label_hw = tr_cache.shape(0, "label")
+        # the most label pixels one token can cover: fp16 stores such counts exactly up to 2048
+        most = -(-int(label_hw[0]) // int(grid[0])) * -(-int(label_hw[1]) // int(grid[1]))
+        dtype = "float16" if most <= FP16_EXACT_INT else "float32"
+        tg = run.derived_cache(tr_cache, "token-label-counts", {"grid": list(grid), "num_classes": spec.num_classes,
+                                                               "ignore_index": IGNORE_INDEX, "layout": "hwk"},
+                               {"counts": dtype})
+
+        def item(i: int) -> Dict[str, np.ndarray]:
+            if tuple(tr_cache.shape(i, "patch")[1:]) != grid or tuple(tr_cache.shape(i, "label")) != tuple(label_hw):
+                raise DataError(f"cached training view {i} of {tr_cache.path} has another token grid or label size "
+                                f"than the first; delete the cache directory to rebuild it")
+            counts = label_counts(np.asarray(tr_cache.get(i, "label")), grid, spec.num_classes, IGNORE_INDEX)
+            return {"counts": counts.transpose(1, 2, 0)}
+
+        desc = f"targets {run.dataset}/{run.settings['train_split']}"
+        return derive_cache(tr_cache, tg, item, run.cfg.progress, desc)
 
     # -- faithful --------------------------------------------------------------------------------
     def _faithful(self, run: ProbeRun, spec: Any, train_split: str) -> RunRecord:
@@ -188,7 +219,7 @@ class LinearSegEvaluator(ProbeEvaluator):
             return {"label": label.astype(np.uint8)}
 
         fill_cache(tr_cache, FixedViewSamples(train_ds, "seg", mean, std, pad_to=crop), featurize, train_fields, bs,
-                   cfg.num_workers, cfg.progress, f"cache {run.dataset}/{train_split}")
+                   cfg.num_workers, cfg.progress, f"cache {run.dataset}/{train_split}", dist=run.dist)
         # eval view: the test resize, sliding windows as in faithful (same token grid as the training crops)
         val_ds = self._val_dataset(run, spec)
         win = (int(s["slide_crop"][0]), int(s["slide_crop"][1]))
@@ -213,7 +244,7 @@ class LinearSegEvaluator(ProbeEvaluator):
             return {"label": label.astype(np.uint8), "img_hw": smp["img_hw"].numpy()}
 
         fill_cache(va_cache, FixedViewSamples(val_ds, "seg", mean, std), featurize_windows, eval_fields, 1,
-                   cfg.num_workers, cfg.progress, f"cache {run.dataset}/{run.eval_split}")
+                   cfg.num_workers, cfg.progress, f"cache {run.dataset}/{run.eval_split}", dist=run.dist)
         last: Dict[str, Any] = {}
 
         n = len(tr_cache)
@@ -224,24 +255,43 @@ class LinearSegEvaluator(ProbeEvaluator):
         perm = np.random.default_rng([cfg.seed, 1]).permutation(n)
         hold_idx, fit_idx = sorted(perm[:n_hold].tolist()), perm[n_hold:].tolist()
         feat_dim = int(tr_cache.shape(0, "patch")[0])
+        train_loss = self._train_loss(run)
+        tg_cache = self._token_targets(run, spec, tr_cache) if train_loss == "token" else None
         with seeded(cfg.seed):
             heads = HeadBank([LinearSegHead(feat_dim, spec.num_classes, float(s["head"]["conv_init_std"]))
                               for _ in lrs]).to(dev)
         names = [lr_name(lr) for lr in lrs]
-        trainer = self._trainer(run, heads, names, lrs, {"mode": "fast", "cache": tr_cache.path},
-                                f"{TASK} fast {run.dataset}")
+        fp = {"mode": "fast", "cache": tr_cache.path, "train_loss": train_loss,
+              **({"targets": tg_cache.path} if tg_cache is not None else {})}
+        trainer = self._trainer(run, heads, names, lrs, fp, f"{TASK} fast {run.dataset}")
         batch = int(s["batch_size"])
 
         def batches(start: int):
             sampler = IterationBatches(len(fit_idx), batch, start, int(s["max_iters"]), cfg.seed)
             for items in sampler:
-                idx = [fit_idx[k] for (_, _, k) in items]
-                yield (tr_cache.stack(idx, "patch", torch.float32).to(dev),
-                       tr_cache.stack(idx, "label", torch.int64).to(dev))
+                if tg_cache is not None:
+                    # v2: every rank trains on the whole global batch -- the heads cost milliseconds and the folded
+                    # BatchNorm of the v2 step then sees the global batch, so the run equals one process exactly
+                    idx = [fit_idx[k] for (_, _, k) in items]
+                    counts = tg_cache.stack(idx, "counts", torch.float32).to(dev)  # (B, h, w, K)
+                    yield (centre_batch(tr_cache.stack_channels_first(idx, "patch").to(dev)),
+                           counts.reshape(-1, counts.shape[-1]))
+                else:  # v1: this rank's slice of the global batch (all of it in one process)
+                    idx = [fit_idx[k] for (_, _, k) in run.dist.shard_batch(items)]
+                    yield (tr_cache.stack(idx, "patch", torch.float32).to(dev),
+                           tr_cache.stack(idx, "label", torch.int64).to(dev))
 
         def loss_fn(b: Tuple[torch.Tensor, torch.Tensor], it: int, j: int) -> torch.Tensor:
             feats, target = b
             return seg_loss(heads.heads[j](feats), target)
+
+        label_hw = tr_cache.shape(0, "label")
+        pixels_per_image = int(label_hw[0]) * int(label_hw[1])
+
+        def token_losses(b: Tuple[Any, torch.Tensor], it: int) -> List[torch.Tensor]:
+            feats, counts = b
+            n_pixels = feats.shape[0] * pixels_per_image  # ignored pixels count, as in seg_loss
+            return list(token_seg_losses(seg_grid_train_logits(heads.heads, feats), counts, n_pixels))
 
         def eval_fn(it: int) -> Dict[str, Dict[str, float]]:
             accs = [IoUAccumulator(spec.num_classes, IGNORE_INDEX) for _ in heads.heads]
@@ -257,7 +307,10 @@ class LinearSegEvaluator(ProbeEvaluator):
             last.update(it=it, scores=out)
             return out
 
-        trainer.fit(batches, loss_fn, eval_fn, int(s["eval_interval"]))
+        if tg_cache is not None:
+            trainer.fit(batches, None, eval_fn, int(s["eval_interval"]), losses_fn=token_losses)
+        else:
+            trainer.fit(batches, loss_fn, eval_fn, int(s["eval_interval"]))
         final = last["scores"] if last.get("it") == int(s["max_iters"]) else eval_fn(int(s["max_iters"]))
         metric = str(s["select_metric"])
         scores = [final[nm][metric] for nm in names]
@@ -276,8 +329,9 @@ class LinearSegEvaluator(ProbeEvaluator):
                     count[:, :, y1:y2, x1:x2] += 1
                 pred = resize(logits / count, tuple(label.shape)).argmax(1)[0]  # mmseg: resize to ori, argmax
                 acc.update(pred.cpu(), label)
-        atomic_torch_save({"head": head.state_dict(), "in_channels": feat_dim, "num_classes": spec.num_classes,
-                           "lr": lrs[best]}, run.artifact("head.pt"), "probe head")
+        if run.dist.is_main:
+            atomic_torch_save({"head": head.state_dict(), "in_channels": feat_dim, "num_classes": spec.num_classes,
+                               "lr": lrs[best]}, run.artifact("head.pt"), "probe head")
         artifacts = {**self._write_curves(run, trainer), "head": run.artifact("head.pt"),
                      "train_cache": tr_cache.path, "eval_cache": va_cache.path}
         extra = {"selected_lr": lrs[best], "heldout": {nm: final[nm][metric] for nm in names},
@@ -286,8 +340,14 @@ class LinearSegEvaluator(ProbeEvaluator):
                  "cache_bytes_per_image": {"train": tr_cache.field_nbytes(["patch"]) / max(1, n),
                                            "eval (all windows)": va_cache.field_nbytes(["patch"])
                                            / max(1, len(va_cache))},
-                 "resumed_from_iter": trainer.resumed_from, "artifacts": artifacts, "inference_batch": bs}
+                 "resumed_from_iter": trainer.resumed_from, "artifacts": artifacts, "inference_batch": bs,
+                 "train_loss": train_loss, "train_seconds": trainer.train_seconds}
+        if tg_cache is not None:
+            artifacts["train_targets_cache"] = tg_cache.path
+            extra["cache_bytes_per_image"]["train targets"] = tg_cache.nbytes / max(1, n)
+        loss_note = ("training loss on the token grid against per-token label histograms (not the full-resolution "
+                     "loss of faithful)" if train_loss == "token" else "training loss at the label resolution")
         run.notes.append("fast protocol (not faithful): one fixed view per image, features cached in fp16, "
-                         f"{len(lrs)} heads (lr grid) trained together, best by held-out {metric} on "
+                         f"{len(lrs)} heads (lr grid) trained together, {loss_note}, best by held-out {metric} on "
                          f"{n_hold} train images; sliding-window test at the test scale as in faithful")
         return self._record(run, spec, acc, len(va_cache), extra)

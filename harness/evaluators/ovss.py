@@ -14,10 +14,11 @@ import torch
 
 from ..datasets.base import check_sample_shapes
 from ..errors import DataError
-from ..io_safety import atomic_write_text, file_lock
+from ..io_safety import atomic_write_text
 from ..methods.pamr import pamr
 from ..metrics.segmentation import IoUAccumulator
 from ..ovss.inference import ImageJob, dense_logits, postprocess, shared_trunk_features
+from ..profiling import OFF, StageTimer
 from ..registry import EVALUATORS
 from ..results.record import RunRecord, write_record
 from ..runtime import init_distributed, progress, select_device
@@ -25,9 +26,9 @@ from ..text.encoder import class_queries
 from ..text.names import check_class_count, load_name_set
 from .base import (
     Evaluator,
-    Identity,
     RunConfig,
     build_models,
+    claimed,
     finished,
     identify,
     make_record,
@@ -75,60 +76,66 @@ class OVSSEvaluator(Evaluator):
 
         Returns one record per method; finished records are read back, not recomputed (unless --force).
         """
-        res = resolve(cfg, "ovss", methods)
-        dist = init_distributed()
-        spec, dataset_name, settings = res.spec, res.dataset, res.settings
-        device = select_device(cfg.device, dist)
-        names = load_name_set(settings["name_set"], spec.key)
-        check_class_count(names, spec.num_classes, f"name set {settings['name_set']!r} for {dataset_name}")
-        spec.check(cfg.data_root, cfg.split)
+        timer = cfg.profiler or OFF
+        with timer.stage("setup"):
+            res = resolve(cfg, "ovss", methods)
+            dist = init_distributed()
+            spec, dataset_name, settings = res.spec, res.dataset, res.settings
+            device = select_device(cfg.device, dist)
+        if timer.enabled and device.type == "cuda":  # charge queued GPU work to the stage that launched it
+            timer.sync = torch.cuda.synchronize
+        with timer.stage("text"):
+            names = load_name_set(settings["name_set"], spec.key)
+            check_class_count(names, spec.num_classes, f"name set {settings['name_set']!r} for {dataset_name}")
+        with timer.stage("dataset screening"):
+            spec.check(cfg.data_root, cfg.split)
 
-        models = build_models(cfg, res.methods, device)
-        base = models[0]
-        if not base.spec.has_text:
-            raise DataError(f"backbone {cfg.backbone!r} has no text tower; zero-shot segmentation needs a CLIP id")
-        base.backbone.check_text()  # a CLIP id whose weights file had no text tower says which file
+        with timer.stage("model build"):
+            models = build_models(cfg, res.methods, device)
+            base = models[0]
+            if not base.spec.has_text:
+                raise DataError(f"backbone {cfg.backbone!r} has no text tower; zero-shot segmentation needs a CLIP id")
+            base.backbone.check_text()  # a CLIP id whose weights file had no text tower says which file
         jobs: List[_MethodRun] = []
         records: Dict[int, RunRecord] = {}
-        for i, model in enumerate(models):
-            ident = identify("ovss", res, model, cfg)
-            done_rec = finished(ident, cfg)
-            if done_rec is not None:
-                records[i] = done_rec
-            else:
-                jobs.append(_MethodRun(i, model, model.name, ident.key, ident.path, IoUAccumulator(spec.num_classes)))
+        with timer.stage("records"):
+            for i, model in enumerate(models):
+                ident = identify("ovss", res, model, cfg)
+                done_rec = finished(ident, cfg)
+                if done_rec is not None:
+                    records[i] = done_rec
+                else:
+                    jobs.append(_MethodRun(i, model, model.name, ident.key, ident.path,
+                                           IoUAccumulator(spec.num_classes)))
         if not jobs:
             return [records[i] for i in range(len(models))]
-        with contextlib.ExitStack() as locks:
-            if dist.is_main:  # a second run of the same records waits, then reads them instead of recomputing
-                for job in sorted(jobs, key=lambda j: j.path):
-                    locks.enter_context(file_lock(job.path, "run record"))
-                for job in list(jobs):
-                    done_rec = finished(Identity(job.key, job.path), cfg)
-                    if done_rec is not None:
-                        records[job.index] = done_rec
-                        jobs.remove(job)
+        with contextlib.ExitStack() as held:
+            with timer.stage("records"):  # a second run of the same records waits, then reads them back
+                held.enter_context(claimed(jobs, cfg, records, enabled=dist.is_main))
             if jobs:
-                self._pass(cfg, res, jobs, records, names, dist, device, base)
+                self._pass(cfg, res, jobs, records, names, dist, device, base, timer)
         return [records[i] for i in range(len(models))]
 
     def _pass(self, cfg: RunConfig, res: Any, jobs: List["_MethodRun"], records: Dict[int, RunRecord],
-              names: Any, dist: Any, device: torch.device, base: Any) -> None:
+              names: Any, dist: Any, device: torch.device, base: Any, timer: StageTimer = OFF) -> None:
         """Segment the split once for every method of ``jobs``; write their records into ``records``.
 
         ``base`` is the pass's first model (its text tower encodes the class queries for every method)."""
         spec, dataset_name, settings = res.spec, res.dataset, res.settings
         t0 = time.time()
         # every sample's files are screened here: a bad image or label map fails now (or is skipped), not in an hour
-        ds = spec.build(cfg.data_root, cfg.split, mmseg_pipeline(settings), limit=cfg.limit,
-                        on_bad_image=cfg.on_bad_image)
-        skipped = skipped_samples(ds)
-        n_total = len(ds)
-        text = class_queries(base, names, settings["templates"], device, cfg.cache_dir)
+        with timer.stage("dataset screening"):
+            ds = spec.build(cfg.data_root, cfg.split, mmseg_pipeline(settings), limit=cfg.limit,
+                            on_bad_image=cfg.on_bad_image)
+            skipped = skipped_samples(ds)
+            n_total = len(ds)
+        with timer.stage("text"):
+            text = class_queries(base, names, settings["templates"], device, cfg.cache_dir)
         if cfg.progress and dist.is_main and text.stats.encoded:
             print(text.stats.summary(), file=sys.stderr)
         indices = list(range(dist.rank, n_total, dist.world_size))
-        done = 0 if cfg.force else _load_partials(jobs, dist.rank, dist.world_size, n_total, skipped)
+        with timer.stage("records"):
+            done = 0 if cfg.force else _load_partials(jobs, dist.rank, dist.world_size, n_total, skipped)
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, indices[done:]),
                                              batch_size=IMAGES_PER_STEP, num_workers=cfg.num_workers,
                                              collate_fn=_collate, persistent_workers=False)
@@ -138,10 +145,19 @@ class OVSSEvaluator(Evaluator):
         bar.update(done)
         try:
             self._loop(loader, jobs, text, settings, spec, bar, device, bs, dist.rank, done, cfg.save_predictions,
-                       dist.world_size, n_total, skipped)
+                       dist.world_size, n_total, skipped, timer)
         finally:
             bar.close()
-        classes = spec.class_names
+        with timer.stage("records"):
+            self._write_records(cfg, res, jobs, records, dist, device, text, bs, n_total, skipped, t0, timer)
+
+    def _write_records(self, cfg: RunConfig, res: Any, jobs: List["_MethodRun"], records: Dict[int, RunRecord],
+                       dist: Any, device: torch.device, text: Any, bs: int, n_total: int,
+                       skipped: Sequence[Dict[str, str]], t0: float, timer: StageTimer) -> None:
+        """One record per method of the pass; with ``--profile`` each carries the breakdown so far."""
+        settings = res.settings
+        classes = res.spec.class_names
+        profile = {"profile": timer.as_dict()} if timer.enabled else {}
         for job in jobs:
             job.acc.all_reduce()
             m = job.acc.compute()
@@ -149,7 +165,7 @@ class OVSSEvaluator(Evaluator):
                 "ovss", res, job.model, cfg, {"mIoU": m["mIoU"], "mAcc": m["mAcc"], "aAcc": m["aAcc"]}, n_total,
                 {**settings, "limit": cfg.limit, "batch_size": bs, "text_cache_hit": text.cache_hit,
                  "text_encoding": text.stats.as_dict(),
-                 "methods_in_pass": [j.method for j in jobs]},
+                 "methods_in_pass": [j.method for j in jobs], **profile},
                 ["metrics x100; IoU accumulated over the split, mIoU = nanmean over classes (mmseg IoUMetric)",
                  f"wall time covers the whole pass of {len(jobs)} method(s) sharing the backbone trunk"],
                 t0, device, per_class={c: {"IoU": iou, "Acc": a} for c, iou, a in zip(classes, m["IoU"], m["Acc"])},
@@ -162,7 +178,7 @@ class OVSSEvaluator(Evaluator):
 
     def _loop(self, loader, jobs: List["_MethodRun"], text, settings, spec, bar, device, bs: int, rank: int,
               done: int, save_dir: Optional[str] = None, world_size: int = 1, n_total: int = 0,
-              skipped: Sequence[Dict[str, str]] = ()) -> None:
+              skipped: Sequence[Dict[str, str]] = (), timer: StageTimer = OFF) -> None:
         """Segment every image of ``loader`` for every method; saves partial state periodically and on Ctrl-C."""
         base = jobs[0].model
         mean = torch.tensor(base.spec.mean_255, device=device).view(3, 1, 1)
@@ -172,44 +188,56 @@ class OVSSEvaluator(Evaluator):
         last_save = time.time()
         try:
             with torch.inference_mode():
-                for batch in loader:
-                    images = []
-                    for item in batch:
-                        gt = item["gt_seg_map"]
-                        check_sample_shapes(item["img_path"], item["seg_map_path"], item["ori_shape"][:2], gt.shape)
-                        images.append(ImageJob(normalise(item["img"], mean, std, device),
-                                               tuple(int(v) for v in item["ori_shape"][:2])))
+                batches = iter(loader)
+                while True:
+                    with timer.stage("data loading"):  # decoding + resizing (workers), then checks + normalising
+                        batch = next(batches, None)
+                        if batch is None:
+                            break
+                        images = []
+                        for item in batch:
+                            gt = item["gt_seg_map"]
+                            check_sample_shapes(item["img_path"], item["seg_map_path"], item["ori_shape"][:2],
+                                                gt.shape)
+                            images.append(ImageJob(normalise(item["img"], mean, std, device),
+                                                   tuple(int(v) for v in item["ori_shape"][:2])))
                     logits = dense_logits(features, images, text.embeddings, settings["mode"], int(settings["crop"]),
-                                          int(settings["stride"]), bs)
+                                          int(settings["stride"]), bs, timer)
                     for n, (item, image) in enumerate(zip(batch, images)):
                         gt = torch.from_numpy(np.asarray(item["gt_seg_map"]).astype(np.int64))
                         preds = []
                         for per_job in logits:  # every method's prediction first: no state changes yet
                             lg = per_job[n]
                             if pamr_cfg:
-                                img = torch.nn.functional.interpolate(image.image[None], size=image.ori_size,
-                                                                      mode="bilinear")
-                                lg = pamr(img, lg[None], int(pamr_cfg["steps"]), tuple(pamr_cfg["dilations"]))[0]
-                            preds.append(postprocess(lg, text.query_class, spec.num_classes,
-                                                     float(settings["logit_scale"]),
-                                                     float(settings["prob_thd"] or 0.0), settings.get("area_thd")))
+                                with timer.stage("pamr"):
+                                    img = torch.nn.functional.interpolate(image.image[None], size=image.ori_size,
+                                                                          mode="bilinear")
+                                    lg = pamr(img, lg[None], int(pamr_cfg["steps"]),
+                                              tuple(pamr_cfg["dilations"]))[0]
+                            with timer.stage("post-processing"):
+                                preds.append(postprocess(lg, text.query_class, spec.num_classes,
+                                                         float(settings["logit_scale"]),
+                                                         float(settings["prob_thd"] or 0.0), settings.get("area_thd")))
                         # then all accumulators together; a Ctrl-C in between rolls them back to `done` images
                         committed = [job.acc.areas.clone() for job in jobs]
                         try:
-                            for job, pred in zip(jobs, preds):
-                                job.acc.update(pred.cpu(), gt)
+                            with timer.stage("metric"):
+                                for job, pred in zip(jobs, preds):
+                                    job.acc.update(pred.cpu(), gt)
                         except KeyboardInterrupt:
                             for job, areas in zip(jobs, committed):
                                 job.acc.areas = areas
                             raise
                         done += 1
                         if save_dir:
-                            for job, pred in zip(jobs, preds):
-                                sub = save_dir if len(jobs) == 1 else os.path.join(save_dir, job.method)
-                                save_prediction(sub, item["img_path"], pred)
+                            with timer.stage("predictions"):
+                                for job, pred in zip(jobs, preds):
+                                    sub = save_dir if len(jobs) == 1 else os.path.join(save_dir, job.method)
+                                    save_prediction(sub, item["img_path"], pred)
                     bar.update(len(batch))
                     if time.time() - last_save > CHECKPOINT_EVERY_S:
-                        _save_partials(jobs, rank, done, world_size, n_total, skipped)
+                        with timer.stage("records"):
+                            _save_partials(jobs, rank, done, world_size, n_total, skipped)
                         last_save = time.time()
         except KeyboardInterrupt:
             _save_partials(jobs, rank, done, world_size, n_total, skipped)

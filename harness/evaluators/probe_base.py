@@ -29,7 +29,7 @@ from ..probes.trainer import ProbeTrainer
 from ..protocols import Protocol
 from ..registry import DATASETS
 from ..results.record import RunRecord, write_record
-from ..runtime import select_device
+from ..runtime import Dist, init_distributed, select_device
 from .base import (
     Evaluator,
     Identity,
@@ -67,6 +67,8 @@ class ProbeRun:
     _weights_identity: Optional[str] = None
     #: samples ``--on-bad-image skip`` left out of the datasets this run built (see :meth:`build`)
     skipped: List[Dict[str, str]] = field(default_factory=list)
+    #: the torchrun job: ranks split each global batch; rank 0 writes the record and artifacts
+    dist: Dist = field(default_factory=Dist)
 
     def build(self, spec: Any, split: str, pipeline: Sequence[dict]) -> Any:
         """``spec.build`` with the run's ``--limit`` and ``--on-bad-image``; what it skips joins the record."""
@@ -128,6 +130,14 @@ class ProbeRun:
         fields = self.cache_fields(split, view, ds, extra)
         return FeatureCache(os.path.join(self.cache_root, cache_dir_name(fields)), fields, arrays)
 
+    def derived_cache(self, src: FeatureCache, what: str, params: Dict[str, Any], arrays: Dict[str, str]
+                      ) -> FeatureCache:
+        """A cache of per-item values computed from ``src`` (e.g. training targets on the token grid): same
+        items and key as ``src`` plus ``what`` and ``params``, in a folder of its own beside it."""
+        fields = {**src.key_fields, "view": f"{src.key_fields.get('view', '')}+{what}",
+                  "derived": {"what": what, **params}}
+        return FeatureCache(os.path.join(self.cache_root, cache_dir_name(fields)), fields, arrays)
+
     @property
     def method_name(self) -> str:
         return self.model.name
@@ -138,13 +148,16 @@ class ProbeRun:
 
     def finish(self, metrics: Dict[str, float], num_images: int, settings_extra: Dict[str, Any],
                per_class: Optional[Dict[str, Dict[str, float]]] = None) -> RunRecord:
-        """Write the record (atomically), drop the checkpoint, return the record."""
+        """Write the record (atomically, rank 0 only), drop the checkpoint, return the record."""
         notes = list(self.notes)
         if self.cfg.limit:
             notes.append(f"limit={self.cfg.limit}: only the first {self.cfg.limit} images of each split were used")
         rec = make_record(self.task, self.res, self.model, self.cfg, metrics, num_images,
                           {**self.settings, "seed": self.cfg.seed, "limit": self.cfg.limit, **settings_extra},
-                          notes, self.started, self.device, per_class=per_class, skipped=self.skipped)
+                          notes, self.started, self.device, per_class=per_class, skipped=self.skipped,
+                          world_size=self.dist.world_size)
+        if not self.dist.is_main:
+            return rec
         write_record(rec, self.path)
         ckpt = self.artifact("ckpt.pt")
         if os.path.isfile(ckpt):
@@ -155,18 +168,16 @@ class ProbeRun:
 def start_probe_run(cfg: RunConfig, task: str, default_eval_split: str) -> ProbeRun:
     """Steps 1-4 of the run lifecycle (:mod:`harness.evaluators.base`) for a probe: resolve, build the
     model, identify the run, and find its finished record (unless --force)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError(f"the {task} probe runs in one process (the global batch is on one device); "
-                          f"launch it without torchrun")
+    dist = init_distributed()
     res = resolve(cfg, task, [cfg.method], default_split=default_eval_split)
     require(res.settings, ("mode",), res.where)
     if res.settings["mode"] not in MODES:
         raise ConfigError(f"protocol {res.where}: mode {res.settings['mode']!r} must be one of {', '.join(MODES)}")
-    device = select_device(cfg.device)
+    device = select_device(cfg.device, dist)
     model = build_models(cfg, res.methods, device)[0]
     ident = identify(task, res, model, cfg, seed=True)
     run = ProbeRun(cfg=cfg, task=task, res=res, protocol=res.protocol, settings=res.settings, dataset=res.dataset,
-                   eval_split=res.split, model=model, device=device, key=ident.key, path=ident.path)
+                   eval_split=res.split, model=model, device=device, key=ident.key, path=ident.path, dist=dist)
     run.existing = finished(ident, cfg)
     return run
 
@@ -182,12 +193,25 @@ class ProbeEvaluator(Evaluator):
     common_keys: Sequence[str] = ()
     faithful_keys: Sequence[str] = ()
     fast_keys: Sequence[str] = ()
+    #: values of the ``fast`` protocols' optional ``train_loss`` setting; the first (v1's full-resolution
+    #: loss) applies when a protocol file has none, so a version-1 file keeps meaning what it meant
+    fast_train_losses: Sequence[str] = ("pixel",)
+    #: modes that train under torchrun (the global batch split over the ranks, gradients averaged, BatchNorm
+    #: statistics over the global batch); the others refuse a torchrun launch
+    ddp_modes: Sequence[str] = ()
 
     def run(self, cfg: RunConfig) -> RunRecord:
         """Resolve the run, skip it if finished, check the protocol and dataset, then train and test."""
         run = start_probe_run(cfg, self.task, default_eval_split=self.default_eval_split)
         if run.existing is not None:
             return run.existing
+        if run.dist.world_size > 1 and run.mode not in self.ddp_modes:
+            raise ConfigError(f"the {self.task} probe's {run.mode} mode runs in one process (the global batch on one "
+                              f"device); launch it without torchrun"
+                              + (f" (modes that run under torchrun: {', '.join(self.ddp_modes)})"
+                                 if self.ddp_modes else ""))
+        if not run.dist.is_main:  # rank 0 holds the lock; the ranks meet in the collectives
+            return self._train_and_test(run)
         with file_lock(run.path, "run record"):  # a second run of the same configuration waits, then reads it
             run.existing = finished(Identity(run.key, run.path), cfg)
             if run.existing is not None:
@@ -206,6 +230,9 @@ class ProbeEvaluator(Evaluator):
         if train_split not in spec.splits:
             raise ConfigError(f"protocol {run.where}: dataset {run.dataset!r} has no split {train_split!r}")
         if run.mode == "faithful":
+            if str(run.settings.get("train_loss", "pixel")) != "pixel":
+                raise ConfigError(f"protocol {run.where}: train_loss {run.settings['train_loss']!r} is a fast "
+                                  f"setting; the faithful recipe trains at full resolution (remove it)")
             return self._faithful(run, spec, train_split)
         return self._fast(run, spec, train_split)
 
@@ -217,6 +244,14 @@ class ProbeEvaluator(Evaluator):
 
     def _fast(self, run: "ProbeRun", spec: Any, train_split: str) -> RunRecord:
         raise NotImplementedError
+
+    def _train_loss(self, run: "ProbeRun") -> str:
+        """The ``fast`` protocol's ``train_loss`` (where the training loss is computed), checked."""
+        value = str(run.settings.get("train_loss", self.fast_train_losses[0]))
+        if value not in self.fast_train_losses:
+            raise ConfigError(f"protocol {run.where}: train_loss {value!r} must be one of "
+                              f"{', '.join(self.fast_train_losses)}")
+        return value
 
     def _optim(self, run: "ProbeRun") -> Tuple[List[float], float, Tuple[float, float], Any]:
         o = run.settings["optimizer"]
@@ -231,13 +266,19 @@ class ProbeEvaluator(Evaluator):
         s = run.settings
         _, wd, betas, clip = self._optim(run)
         kill = run.cfg.extra.get("kill_after_iters")  # test hook: abandon the run like SIGKILL
+        if run.dist.world_size > 1:  # mmseg's SyncBN: statistics of the global batch, not of a rank's slice
+            from ..probes.sync_bn import globalize_batchnorm
+
+            globalize_batchnorm(heads)
         return ProbeTrainer(heads, names, lrs, wd, betas, clip, Schedule(s["schedule"], int(s["max_iters"])),
                             int(s["max_iters"]), run.artifact("ckpt.pt"), run.fingerprint(fp_extra),
                             int(s["checkpoint_interval"]), int(s["log_interval"]), progress=run.cfg.progress,
-                            desc=desc, kill_after=int(kill) if kill is not None else None)
+                            desc=desc, kill_after=int(kill) if kill is not None else None, dist=run.dist)
 
     def _write_curves(self, run: "ProbeRun", trainer: ProbeTrainer) -> Dict[str, str]:
-        """Loss and validation curves as CSV and PNG next to the record."""
+        """Loss and validation curves as CSV and PNG next to the record (written by rank 0)."""
+        if not run.dist.is_main:
+            return {"curves_csv": run.artifact("curves.csv"), "curves_png": run.artifact("curves.png")}
         title = f"{self.task}/{run.protocol.id} {run.model.spec.id} {run.method_name} {run.dataset}"
         return {"curves_csv": trainer.curves.write_csv(run.artifact("curves.csv")),
                 "curves_png": trainer.curves.plot(run.artifact("curves.png"), title)}

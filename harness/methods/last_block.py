@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any, Dict, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from ..backbones.base import Backbone, BlockParts, TokenLayout, Tokens
 from ..errors import ConfigError
@@ -76,7 +77,28 @@ class LastBlockMethod(Method):
         return self._omega[key]
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        """Per-head attention output (B, heads, L, head_dim) for the configured kernel."""
+        """Per-head attention output (B, heads, L, head_dim) for the configured kernel.
+
+        Every softmax kernel is a fused ``scaled_dot_product_attention`` call (no L x L matrix is kept):
+        ``qq`` passes q as the keys, SCLIP's sum of two softmaxes times v is the sum of two calls
+        ((A + B) v = A v + B v), NACLIP's Gaussian Ω is SDPA's additive float ``attn_mask``. The explicit
+        formulas are :meth:`attention_reference`; tests check both agree.
+        """
+        if self.kernel == "identity":
+            return v
+        s = q.shape[-1] ** -0.5
+        if self.kernel == "qk":
+            return F.scaled_dot_product_attention(q, k, v, scale=s)
+        if self.kernel == "qq":
+            return F.scaled_dot_product_attention(q, q, v, scale=s)
+        if self.kernel == "qq+kk":
+            return F.scaled_dot_product_attention(q, q, v, scale=s) + F.scaled_dot_product_attention(k, k, v, scale=s)
+        omega = self._omega_for(layout, k)  # kk+gauss
+        return F.scaled_dot_product_attention(k, k, v, attn_mask=omega, scale=s)
+
+    def attention_reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            layout: TokenLayout) -> torch.Tensor:
+        """The kernels written out as the papers' formulas (explicit L x L attention), for checking."""
         if self.kernel == "identity":
             return v
         s = q.shape[-1] ** -0.5

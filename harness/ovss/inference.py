@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..methods.base import DenseModel, forward_dense_many
+from ..profiling import OFF, StageTimer
 from ..runtime import precision_context
 from ..windows import Window, slide_windows
 
@@ -55,14 +56,15 @@ class ImageJob:
 
 
 def dense_logits(features: FeatureFn, jobs: Sequence[ImageJob], text: torch.Tensor, mode: str, crop: int,
-                 stride: int, batch_size: int) -> List[List[torch.Tensor]]:
+                 stride: int, batch_size: int, timer: StageTimer = OFF) -> List[List[torch.Tensor]]:
     """Logits (Q, H0, W0) at each job's original size, per method: ``out[method][job]``.
 
     All windows of all jobs are grouped by shape and computed in shared batches of ``batch_size``.
+    ``timer`` charges the backbone calls to ``backbone`` and the rest (cosine, upsampling, window sums)
+    to ``upsampling``.
     """
     if mode not in ("slide", "whole"):
         raise ValueError(f"unknown inference mode {mode!r} (slide or whole)")
-    q = text.shape[0]
     # a "whole" image is a single window covering it
     wins = [slide_windows(j.image.shape[-2], j.image.shape[-1], crop, stride) if mode == "slide"
             else [(0, j.image.shape[-2], 0, j.image.shape[-1])] for j in jobs]
@@ -75,27 +77,39 @@ def dense_logits(features: FeatureFn, jobs: Sequence[ImageJob], text: torch.Tens
     for items in pending.values():
         for c in range(0, len(items), batch_size):
             chunk = items[c:c + batch_size]
-            crops = torch.stack([jobs[i].image[:, y1:y2, x1:x2] for i, (y1, y2, x1, x2) in chunk])
-            per_method = [_cosine(f, text) for f in features(crops)]
-            if mode == "slide":  # windows of one group share their shape: upsample the chunk at once
-                per_method = [F.interpolate(lg, size=crops.shape[-2:], mode="bilinear", align_corners=False)
-                              for lg in per_method]
-            if sums is None:
-                sums = [[torch.zeros(q, *j.image.shape[-2:], device=text.device) for j in jobs] for _ in per_method]
-            for k, (i, (y1, y2, x1, x2)) in enumerate(chunk):
-                if mode == "whole":  # SCLIP forward_feature(img, ori_shape): grid -> original size directly
-                    for m, lg in enumerate(per_method):
-                        sums[m][i] = F.interpolate(lg[k:k + 1], size=jobs[i].ori_size, mode="bilinear",
-                                                   align_corners=False)[0]
-                    continue
-                for m, lg in enumerate(per_method):
-                    sums[m][i][:, y1:y2, x1:x2] += lg[k]
-                counts[i][:, y1:y2, x1:x2] += 1
+            with timer.stage("backbone"):
+                crops = torch.stack([jobs[i].image[:, y1:y2, x1:x2] for i, (y1, y2, x1, x2) in chunk])
+                feats = features(crops)
+            with timer.stage("upsampling"):
+                sums = _add_windows(feats, text, chunk, crops.shape[-2:], jobs, mode, sums, counts)
     assert sums is not None
     if mode == "whole":
         return sums
-    return [[F.interpolate((s / cnt).unsqueeze(0), size=j.ori_size, mode="bilinear", align_corners=False)[0]
-             for s, cnt, j in zip(per_job, counts, jobs)] for per_job in sums]
+    with timer.stage("upsampling"):
+        return [[F.interpolate((s / cnt).unsqueeze(0), size=j.ori_size, mode="bilinear", align_corners=False)[0]
+                 for s, cnt, j in zip(per_job, counts, jobs)] for per_job in sums]
+
+
+def _add_windows(feats: List[torch.Tensor], text: torch.Tensor, chunk: Sequence[Tuple[int, Window]],
+                 size: Tuple[int, int], jobs: Sequence[ImageJob], mode: str,
+                 sums: Optional[List[List[torch.Tensor]]], counts: List[torch.Tensor]) -> List[List[torch.Tensor]]:
+    """Cosine logits of one chunk of windows, upsampled and added into ``sums``/``counts`` (created on first use)."""
+    q = text.shape[0]
+    per_method = [_cosine(f, text) for f in feats]
+    if mode == "slide":  # windows of one group share their shape: upsample the chunk at once
+        per_method = [F.interpolate(lg, size=tuple(size), mode="bilinear", align_corners=False) for lg in per_method]
+    if sums is None:
+        sums = [[torch.zeros(q, *j.image.shape[-2:], device=text.device) for j in jobs] for _ in per_method]
+    for k, (i, (y1, y2, x1, x2)) in enumerate(chunk):
+        if mode == "whole":  # SCLIP forward_feature(img, ori_shape): grid -> original size directly
+            for m, lg in enumerate(per_method):
+                sums[m][i] = F.interpolate(lg[k:k + 1], size=jobs[i].ori_size, mode="bilinear",
+                                           align_corners=False)[0]
+            continue
+        for m, lg in enumerate(per_method):
+            sums[m][i][:, y1:y2, x1:x2] += lg[k]
+        counts[i][:, y1:y2, x1:x2] += 1
+    return sums
 
 
 def postprocess(logits: torch.Tensor, query_class: torch.Tensor, num_classes: int, logit_scale: float,

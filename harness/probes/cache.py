@@ -253,6 +253,18 @@ class FeatureCache:
         t = torch.from_numpy(arr)
         return t.to(dtype) if dtype is not None else t
 
+    def stack_channels_first(self, indices: Sequence[int], field: str) -> torch.Tensor:
+        """Items ``indices`` of a (C, ...) field as one float32 (C, len(indices), ...) tensor.
+
+        One pass per item (read + convert + place), no intermediate (B, C, ...) copy: the layout the ``fast``
+        v2 steps multiply with (:func:`harness.probes.heads.centre_batch`).
+        """
+        first = self.shape(int(indices[0]), field)
+        out = np.empty((first[0], len(indices), *first[1:]), dtype=np.float32)
+        for k, i in enumerate(indices):
+            out[:, k] = self.get(int(i), field)
+        return torch.from_numpy(out)
+
     @property
     def nbytes(self) -> int:
         return int(sum(self._sizes.values()))

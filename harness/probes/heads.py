@@ -5,7 +5,7 @@ size happens in the loss / prediction code, as in mmseg's ``BaseDecodeHead``.
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Any, List, NamedTuple, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,70 @@ class LinearSegHead(nn.Module):
         return self.conv_seg(self.bn(patch))
 
 
+class CentredBatch(NamedTuple):
+    """Frozen features of one training batch, channels first and centred by their batch mean (see
+    :func:`centre_batch`)."""
+
+    x: torch.Tensor  #: (C, M) = features minus the batch mean, M = B*h*w tokens
+    mean: torch.Tensor  #: (C,) batch mean
+    var: torch.Tensor  #: (C,) biased batch variance (what train-mode BatchNorm normalises with)
+    shape: Tuple[int, int, int]  #: (B, h, w)
+
+    @property
+    def var_unbiased(self) -> torch.Tensor:
+        """What BatchNorm puts into its running variance."""
+        n = self.x.shape[1]
+        return self.var * n / max(n - 1, 1)
+
+
+def centre_batch(x: torch.Tensor) -> CentredBatch:
+    """Batch statistics of frozen features given channels first, (C, B, h, w), centred in place.
+
+    Why channels first: all heads of the ``fast`` learning-rate grid then become one (heads*K x C) @ (C x M)
+    product (:func:`seg_grid_train_logits`); the caller builds this layout straight from the cache.
+    """
+    c, b, h, w = x.shape
+    m = b * h * w
+    flat = x.reshape(c, m)
+    # two passes, centre then square (no E[x^2] - mean^2 cancellation); the mean as a matrix-vector product
+    # and the variance as a vector norm: several times faster on CPU than torch.var_mean over dim 1
+    mean = flat @ flat.new_full((m,), 1.0 / m)
+    flat.sub_(mean[:, None])
+    var = torch.linalg.vector_norm(flat, dim=1).square_() / m
+    return CentredBatch(flat, mean, var, (b, h, w))
+
+
+def seg_grid_train_logits(heads: Sequence[LinearSegHead], batch: CentredBatch) -> torch.Tensor:
+    """``[head(feats) for head in heads]`` in train mode, as one (M, heads, K) tensor (M = B*h*w tokens in
+    (b, i, j) order; classes last, so the softmax runs over contiguous memory).
+
+    BatchNorm's normalisation and affine are folded into each head's 1x1 conv:
+    conv(gamma * (f - mean) * rstd + beta) = (W diag(gamma * rstd)) (f - mean) + (W beta + b), and the heads
+    are stacked into one matrix, so a step is one GEMM forward and one backward for the whole grid instead of
+    a BatchNorm and a conv per head over every feature. Values and parameter gradients are those of the
+    modules' forward; the running statistics are updated as ``BatchNorm2d.forward`` does in train mode
+    (momentum, unbiased variance), so the heads' eval mode is unchanged.
+    """
+    weights, biases = [], []
+    for head in heads:
+        bn, conv = head.bn, head.conv_seg
+        if not head.training:
+            raise ValueError("seg_grid_train_logits is the train-mode forward; a head is in eval mode")
+        if bn.track_running_stats:
+            with torch.no_grad():
+                bn.num_batches_tracked.add_(1)
+                m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+                bn.running_mean.mul_(1 - m).add_(batch.mean, alpha=m)
+                bn.running_var.mul_(1 - m).add_(batch.var_unbiased, alpha=m)
+        w = conv.weight[:, :, 0, 0]
+        weights.append(w * (bn.weight * torch.rsqrt(batch.var + bn.eps))[None, :])
+        biases.append(w @ bn.bias + conv.bias)
+    if len({w.shape[0] for w in weights}) != 1:
+        raise ValueError("the heads of one grid must have the same number of classes")
+    logits = torch.addmm(torch.cat(biases)[None, :], batch.x.t(), torch.cat(weights).t())
+    return logits.view(logits.shape[0], len(weights), -1)
+
+
 def depth_head_input(patch: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
     """[F ; c·1ᵀ]: patch features with the CLS token broadcast over the grid (DINOv2 linear_head.py)."""
     return torch.cat([patch, cls[:, :, None, None].expand_as(patch)], dim=1)
@@ -76,9 +140,60 @@ class DepthBinsHead(nn.Module):
             z = F.interpolate(self.conv_depth(x), size=size, mode="bilinear", align_corners=False)
         else:
             z = self.conv_depth(F.interpolate(x, size=size, mode="bilinear", align_corners=False))
+        return self.depth_from_logits(z)
+
+    def depth_from_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, bins, H, W) bin logits -> depth (B, 1, H, W): linear normalisation, expectation over the bins."""
         logit = torch.relu(z) + self.norm_eps
         p = logit / logit.sum(dim=1, keepdim=True)
         return torch.einsum("bkhw,k->bhw", p, self.bins.to(p.dtype)).unsqueeze(1)
+
+
+class _BinsExpectation(torch.autograd.Function):
+    """depth = sum_k (relu(z_k) + eps) b_k / sum_k (relu(z_k) + eps) with a hand-written backward.
+
+    The value of :meth:`DepthBinsHead.depth_from_logits` (the same function, rounded differently); the
+    gradient d depth / d z_k = [z_k > 0] (b_k - depth) / S is one pass over the (B, bins, H, W) logits instead
+    of autograd's chain through ReLU, the normalisation and the expectation. Both sums come from one 1x1
+    convolution with the kernels [1; b]. Used by the ``fast`` v2 depth step only.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, z: torch.Tensor, bins: torch.Tensor, eps: float) -> torch.Tensor:  # noqa: D102
+        r = torch.relu(z)
+        k = bins.numel()
+        kernel = torch.stack([torch.ones_like(bins), bins]).view(2, k, 1, 1)
+        sums = F.conv2d(r, kernel)  # (B, 2, H, W): sum_k r_k and sum_k r_k b_k
+        s = sums[:, :1] + eps * k
+        depth = (sums[:, 1:] + eps * bins.sum()) / s
+        ctx.save_for_backward(z, bins, s, depth)
+        return depth
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):  # noqa: D102
+        z, bins, s, depth = ctx.saved_tensors
+        g = (bins.view(1, -1, 1, 1) - depth) * (grad / s)
+        return g.masked_fill_(z <= 0, 0.0), None, None
+
+
+def depth_head_split_forward(head: DepthBinsHead, patch: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+    """``head(depth_head_input(patch, cls))`` without building the (B, 2C, h, w) input.
+
+    The CLS half of the 1x1 conv is constant over the grid, so it is a per-image bias: W [f ; c] + b =
+    W_f f + (W_c c + b). The conv then costs h*w*C*bins per image instead of h*w*2C*bins, and (bilinear
+    weights summing to 1) it runs before the upsampling, as the module does for wide inputs. Same function;
+    the ``fast`` v2 depth step uses it (with the fused expectation of :class:`_BinsExpectation`), faithful keeps
+    the module's forward.
+    """
+    c = patch.shape[1]
+    weight = head.conv_depth.weight[:, :, 0, 0]
+    if weight.shape[1] != 2 * c or cls.shape[1] != c:
+        raise ValueError(f"head takes {weight.shape[1]} input channels; patch {c} + CLS {cls.shape[1]} given")
+    bias = cls @ weight[:, c:].t() + head.conv_depth.bias
+    z = F.conv2d(patch, head.conv_depth.weight[:, :c]) + bias[:, :, None, None]
+    h, w = patch.shape[-2:]
+    z = F.interpolate(z, size=(h * head.upsample, w * head.upsample), mode="bilinear", align_corners=False)
+    return _BinsExpectation.apply(z, head.bins.to(z.dtype), head.norm_eps)
 
 
 class HeadBank(nn.Module):

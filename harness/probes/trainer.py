@@ -21,6 +21,7 @@ from torch import nn
 from .. import interrupts
 from ..errors import WeightsError
 from ..io_safety import atomic_torch_save
+from ..runtime import Dist
 from .curves import Curves
 from .heads import HeadBank
 from .schedules import Schedule
@@ -49,12 +50,15 @@ class ProbeTrainer:
         checkpoint_interval, log_interval: in iterations.
         progress: show a tqdm bar with loss and ETA.
         kill_after: test hook, see :class:`SimulatedKill`.
+        dist: the torchrun job (each rank feeds its slice of the global batch; gradients and logged losses
+            are averaged over the ranks, as DDP does; only rank 0 writes checkpoints and shows progress).
     """
 
     def __init__(self, heads: HeadBank, head_names: Sequence[str], lrs: Sequence[float], weight_decay: float,
                  betas: Sequence[float], grad_clip: Optional[float], schedule: Schedule, max_iters: int,
                  checkpoint_path: str, fingerprint: str, checkpoint_interval: int, log_interval: int,
-                 progress: bool = True, desc: str = "probe", kill_after: Optional[int] = None) -> None:
+                 progress: bool = True, desc: str = "probe", kill_after: Optional[int] = None,
+                 dist: Optional[Dist] = None) -> None:
         if len(head_names) != len(heads) or len(lrs) != len(heads):
             raise ValueError("one name and one learning rate per head")
         self.heads = heads
@@ -71,6 +75,7 @@ class ProbeTrainer:
         self.progress = progress
         self.desc = desc
         self.kill_after = kill_after
+        self.dist = dist or Dist()
         self.optimizer = torch.optim.AdamW(
             [{"params": list(h.parameters()), "lr": lr} for h, lr in zip(heads.heads, self.lrs)],
             lr=self.lrs[0], betas=self.betas, weight_decay=float(weight_decay))
@@ -89,7 +94,9 @@ class ProbeTrainer:
                 "loss_sum": list(self._loss_sum), "loss_n": self._loss_n}
 
     def save(self) -> None:
-        """Atomically (a kill, a full disk or a second writer never leaves a torn checkpoint)."""
+        """Atomically (a kill, a full disk or a second writer never leaves a torn checkpoint); rank 0 only."""
+        if not self.dist.is_main:
+            return
         atomic_torch_save(self.state_dict(), self.checkpoint_path, "probe checkpoint")
 
     def resume(self) -> int:
@@ -132,9 +139,10 @@ class ProbeTrainer:
         self._stop = True
 
     def fit(self, batches: Callable[[int], Iterable[Any]],
-            loss_fn: Callable[[Any, int, int], torch.Tensor],
+            loss_fn: Optional[Callable[[Any, int, int], torch.Tensor]],
             eval_fn: Optional[EvalFn] = None, eval_interval: int = 0,
-            prepare: Optional[Callable[[Any], Any]] = None) -> None:
+            prepare: Optional[Callable[[Any], Any]] = None,
+            losses_fn: Optional[Callable[[Any, int], Sequence[torch.Tensor]]] = None) -> None:
         """Run from the last checkpoint to ``max_iters``.
 
         Args:
@@ -146,9 +154,14 @@ class ProbeTrainer:
             eval_interval: evaluate every this many iterations and at the end (0 = only at the end).
             prepare: ``prepare(batch)`` -> the inputs shared by all heads (e.g. frozen backbone features),
                 computed once per iteration; default: the batch itself.
+            losses_fn: instead of ``loss_fn``: ``losses_fn(inputs, it)`` returns every head's loss from one
+                shared computation (e.g. the whole grid as one matrix product); their sum is backpropagated
+                once. The heads share no parameters, so each still gets exactly its own gradient.
         """
         from tqdm.auto import tqdm
 
+        if (loss_fn is None) == (losses_fn is None):
+            raise ValueError("pass exactly one of loss_fn and losses_fn")
         start = self.resume()
         if start >= self.max_iters:
             return
@@ -158,8 +171,8 @@ class ProbeTrainer:
                 old[sig] = signal.signal(sig, self._on_signal)
             except ValueError:  # not the main thread: no handler, Ctrl-C stays a plain KeyboardInterrupt
                 pass
-        bar = tqdm(total=self.max_iters, initial=start, desc=self.desc, disable=not self.progress,
-                   dynamic_ncols=True, leave=False)
+        bar = tqdm(total=self.max_iters, initial=start, desc=self.desc,
+                   disable=not (self.progress and self.dist.is_main), dynamic_ncols=True, leave=False)
         t0 = time.time()
         self.heads.train()
         try:
@@ -169,10 +182,20 @@ class ProbeTrainer:
                 inputs = prepare(batch) if prepare is not None else batch
                 self.optimizer.zero_grad(set_to_none=True)
                 losses = []
-                for j in range(len(self.heads)):  # heads are independent: each gets its own gradient
-                    loss = loss_fn(inputs, it, j)
-                    loss.backward()
-                    losses.append(loss.detach())
+                if losses_fn is not None:
+                    joint = list(losses_fn(inputs, it))
+                    if len(joint) != len(self.heads):
+                        raise ValueError(f"losses_fn returned {len(joint)} losses for {len(self.heads)} heads")
+                    torch.stack(joint).sum().backward()
+                    losses = [loss.detach() for loss in joint]
+                else:
+                    for j in range(len(self.heads)):  # heads are independent: each gets its own gradient
+                        loss = loss_fn(inputs, it, j)
+                        loss.backward()
+                        losses.append(loss.detach())
+                if self.dist.world_size > 1:  # DDP: the mean gradient of the ranks' losses
+                    self.dist.average_gradients(self.heads.parameters())
+                    losses = [torch.tensor(v) for v in self.dist.mean([float(x) for x in losses])]
                 if self.grad_clip:
                     for h in self.heads.heads:
                         nn.utils.clip_grad_norm_(h.parameters(), float(self.grad_clip), norm_type=2.0)

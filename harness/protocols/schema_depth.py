@@ -62,6 +62,8 @@ class DepthFast(DepthCommon):
     holdout_fraction: float
     select_metric: Literal["delta1", "delta2", "delta3", "abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog"]
     precision: Precision = "fp32"
+    #: version 2: the loss at the head's output grid against masked-mean depth; ``pixel`` = version 1
+    train_loss: Literal["pixel", "head-output"] = "pixel"
 
 
 @register_schema("depth")

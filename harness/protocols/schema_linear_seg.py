@@ -42,6 +42,8 @@ class LinearSegFast(ProbeCommon):
     select_metric: Literal["mIoU", "mAcc", "aAcc"]
     head: SegHead
     precision: Precision = "fp32"
+    #: version 2: cross-entropy on the token grid against per-token label histograms; ``pixel`` = version 1
+    train_loss: Literal["pixel", "token"] = "pixel"
 
 
 @register_schema("linear-seg")

@@ -46,7 +46,7 @@ import pytest
 from harness.cli import build_parser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SUBCOMMANDS = ("run", "suite", "ttr", "distill", "list", "data", "report", "demo")
+SUBCOMMANDS = ("run", "suite", "ttr", "distill", "list", "data", "report", "demo", "sensitivity")
 MENTION = re.compile(r"(?<![\w.\-/])harness\s+(?:%s)\b" % "|".join(SUBCOMMANDS))
 FIELD = "\x00"  # an f-string field inside a literal
 PLACEHOLDER = re.compile(r"^(<[^>]*>|[A-Z][A-Z0-9_]*(\.[A-Za-z0-9]+)?|[^\s]*\x00[^\s]*)$")

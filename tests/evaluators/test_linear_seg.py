@@ -90,7 +90,7 @@ def test_fast_probe_learns_colour_coded_classes(voc, cache_dir, tmp_path) -> Non
     rec = EVALUATORS.get("linear-seg")().run(config(voc, proto, results, cache_dir))
     assert rec.metrics["mIoU"] >= 90.0, (rec.metrics, rec.settings["heldout"])
     assert set(rec.metrics) == {"mIoU", "mAcc", "aAcc"} and rec.metrics["aAcc"] > 90
-    assert rec.task == "linear-seg" and rec.protocol == "fast-small" and rec.protocol_version == 1
+    assert rec.task == "linear-seg" and rec.protocol == "fast-small" and rec.protocol_version == 2
     assert rec.settings["mode"] == "fast" and any("fast protocol (not faithful)" in n for n in rec.notes)
     assert rec.dataset == "voc21" and rec.split == "val" and rec.num_images == 12 and rec.weights == "random-init"
     assert set(rec.per_class) >= {"background", "car", "cat", "dog", "person"}
@@ -224,3 +224,25 @@ def test_a_run_shorter_than_its_checkpoint_interval_writes_into_a_fresh_results_
     rec = EVALUATORS.get("linear-seg")().run(config(voc, proto, str(tmp_path / "fresh" / "results"), cache_dir,
                                                     limit=6))
     assert os.path.isfile(rec.settings["artifacts"]["head"])
+
+
+def test_a_version_1_file_keeps_the_pixel_loss_and_a_record_of_its_own(voc, cache_dir, tmp_path) -> None:
+    """A fast YAML without ``train_loss`` (as version 1 shipped) trains with the full-resolution loss; its record
+    and the version-2 record of the same run live side by side, never mixed, and share the feature cache."""
+    v2 = scaled_protocol_t(tmp_path / "f2.yaml", "fast", "fast-ver",
+                           **dict(FAST_SMALL, max_iters=4, eval_interval=4, checkpoint_interval=100))
+    with open(v2) as f:
+        data = yaml.safe_load(f)
+    data["version"] = 1
+    del data["defaults"]["train_loss"]
+    v1 = tmp_path / "f1.yaml"
+    v1.write_text(yaml.safe_dump(data))
+    results = str(tmp_path / "r")
+    r1 = EVALUATORS.get("linear-seg")().run(config(voc, str(v1), results, cache_dir, limit=6))
+    r2 = EVALUATORS.get("linear-seg")().run(config(voc, v2, results, cache_dir, limit=6))
+    assert (r1.protocol_version, r1.settings["train_loss"]) == (1, "pixel")
+    assert (r2.protocol_version, r2.settings["train_loss"]) == (2, "token")
+    a1, a2 = r1.settings["artifacts"], r2.settings["artifacts"]
+    assert a1["head"] != a2["head"] and a1["train_cache"] == a2["train_cache"]
+    assert "train_targets_cache" in a2 and "train_targets_cache" not in a1
+    assert any("token grid" in n for n in r2.notes) and not any("token grid" in n for n in r1.notes)

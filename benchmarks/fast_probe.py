@@ -1,0 +1,369 @@
+"""Training step of the ``fast`` probes, version 1 (loss at full resolution) vs version 2 (loss on the head's grid).
+
+Same machine, same run, same cached data and the same initial heads: the shipped ``fast`` protocols' grid
+of five heads and batch 16. The cache is filled the way the evaluators fill it (fixed 512x512 views of
+generated VOC-sized images for linear-seg, 416x544 NYU views for depth, random-init backbone), then
+
+* v1 step: the shipped version-1 loss -- every head's output upsampled to the label / depth view;
+* v2 step: the shipped version-2 loss -- token-grid histograms (one GEMM for the whole head grid) /
+  the depth head's output grid against masked-mean depth;
+
+each timed over whole trainer iterations (:class:`~harness.probes.trainer.ProbeTrainer`: batch loading
+from the memory-mapped cache, forward, backward, AdamW), v1 and v2 alternating in rounds so that both see
+the same load. It also times one full-resolution held-out
+evaluation (what ``eval_fn`` does every ``eval_interval``) and a ViT-B/14 forward at the 518x518
+padded crop, to set 4,000 iterations against the feature extraction of VOC train (1,464 images).
+
+Usage::
+
+    python benchmarks/fast_probe.py                       # writes benchmarks/fast_probe.md
+    python benchmarks/fast_probe.py --v1-iters 2 --v2-iters 20 --skip-depth
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+#: the shipped fast protocols' head grid and batch (harness/protocols/{linear-seg,depth}/fast.yaml)
+HEADS, BATCH = 5, 16
+#: VOC2012 train, the set whose extraction the 4,000 iterations are compared with (DVT voc2012 config: 1,464)
+VOC_TRAIN_IMAGES = 1464
+#: VOC val images (1,449) and a 512-short-side test view of a 500x375 image: 683x512 -> 2 windows of 512/341
+VOC_VAL_IMAGES = 1449
+#: NYU train frames: the official labeled split (795) and the BTS split DVT trains on (24,231)
+NYU_TRAIN_FRAMES = (795, 24231)
+#: tokens of a 512 crop padded to 518 (37 x 37) and of a 416x544 NYU view padded to 420x546 (30 x 39), patch 14
+TOKENS_VOC, TOKENS_NYU = 37 * 37, 30 * 39
+
+
+def load() -> float:
+    return os.getloadavg()[0]
+
+
+def trainer_for(heads, lrs, max_iters: int, work: str, name: str, proto: Dict[str, Any]):
+    from harness.probes.schedules import Schedule
+    from harness.probes.trainer import ProbeTrainer
+
+    o = proto["optimizer"]
+    return ProbeTrainer(heads, [f"lr={lr:g}" for lr in lrs], lrs, float(o["weight_decay"]), o["betas"],
+                        o.get("grad_clip"), Schedule(proto["schedule"], int(proto["max_iters"])), max_iters,
+                        os.path.join(work, f"{name}.ckpt.pt"), name, checkpoint_interval=10 ** 9,
+                        log_interval=10 ** 9, progress=False)
+
+
+def interleaved(rounds: int, lrs: List[float], work: str, proto: Dict[str, Any],
+                runs: List[Dict[str, Any]]) -> List[float]:
+    """Seconds per iteration of each run, timed in alternating rounds so that every run sees the same load.
+
+    A run: ``heads``, ``per_round`` iterations, ``batches(offset)`` -> the trainer's ``batches`` callable for
+    iterations offset.., and the ``fit`` keywords (``loss_fn`` / ``losses_fn``). Each round trains every run
+    for its iterations with a fresh :class:`ProbeTrainer` (data loading, forward, backward, AdamW).
+    """
+    seconds, iters = [0.0] * len(runs), [0] * len(runs)
+    for r in range(rounds):
+        for k, run in enumerate(runs):
+            n = int(run["per_round"])
+            trainer = trainer_for(run["heads"], lrs, n, work, f"run{k}", proto)
+            trainer.fit(run["batches"](r * n), **run["fit"])
+            seconds[k] += trainer.train_seconds
+            iters[k] += n
+    return [s / max(1, i) for s, i in zip(seconds, iters)]
+
+
+def seg_bench(args: argparse.Namespace, work: str, rows: List[Dict[str, Any]], notes: List[str]) -> None:
+    from harness.compat.mmcv_ops import import_mmseg
+    from harness.evaluators.linear_seg import seg_loss
+    from harness.metrics.segmentation import IoUAccumulator
+    from harness.models import build_dense_model
+    from harness.probes.cache import FeatureCache
+    from harness.probes.data import IGNORE_INDEX, register_transforms, seg_fixed_view_pipeline
+    from harness.probes.extract import FixedViewSamples, fill_cache
+    from harness.probes.features import dense_features, resize
+    from harness.probes.heads import HeadBank, LinearSegHead, centre_batch, seg_grid_train_logits
+    from harness.probes.targets import derive_cache, label_counts, token_seg_losses
+    from harness.protocols import get_protocol
+    from harness.registry import DATASETS
+    from harness.synthetic.segmentation import write_demo_voc
+
+    import_mmseg()
+    register_transforms()
+    proto = get_protocol("linear-seg", "fast").settings("voc21")
+    scale, crop = proto["test_scale"], tuple(proto["crop_size"])
+    root = write_demo_voc(os.path.join(work, "voc"), args.images, (375, 500), 0, "train")
+    spec = DATASETS.get("voc21")
+    ds = spec.build(root, "train", seg_fixed_view_pipeline(scale, crop))
+    model = build_dense_model(args.backbone, "vanilla", random_init=True).eval()
+    cache = FeatureCache(os.path.join(work, "seg-cache"), {"bench": 1}, {"patch": "float16", "label": "uint8"})
+    t0 = time.time()
+    fill_cache(cache, FixedViewSamples(ds, "seg", model.spec.mean_255, model.spec.std_255, pad_to=crop),
+               lambda x: {"patch": dense_features(model, x).patch},
+               lambda s: {"label": s["target"].numpy().astype(np.uint8)}, 8, 0, False, "cache")
+    extract_s = (time.time() - t0) / len(cache)
+    grid = tuple(cache.shape(0, "patch")[1:])
+    k = spec.num_classes
+    targets = FeatureCache(os.path.join(work, "seg-targets"), {"bench": 2}, {"counts": "float16"})
+    t0 = time.time()
+    derive_cache(cache, targets, lambda i: {"counts": label_counts(cache.get(i, "label"), grid, k, IGNORE_INDEX)
+                                            .transpose(1, 2, 0)}, False, "targets")
+    targets_s = (time.time() - t0) / len(cache)
+    c = cache.shape(0, "patch")[0]
+    lrs = [float(x) for x in proto["optimizer"]["lrs"]]
+    torch.manual_seed(0)
+    init = HeadBank([LinearSegHead(c, k) for _ in lrs])
+    rng = np.random.default_rng(0)
+    n_orders = args.rounds * max(args.v1_iters, args.v2_iters)
+    order = [rng.permutation(len(cache))[:BATCH].tolist() for _ in range(n_orders)]
+
+    def v1_batches(offset: int):
+        def batches(start: int):
+            for idx in order[offset + start:offset + args.v1_iters]:
+                yield cache.stack(idx, "patch", torch.float32), cache.stack(idx, "label", torch.int64)
+        return batches
+
+    ppi = crop[0] * crop[1]
+
+    def v2_batches(offset: int):
+        def batches(start: int):
+            for idx in order[offset + start:offset + args.v2_iters]:
+                counts = targets.stack(idx, "counts", torch.float32)
+                yield centre_batch(cache.stack_channels_first(idx, "patch")), counts.reshape(-1, k)
+        return batches
+
+    v1_heads, v2_heads = copy.deepcopy(init), copy.deepcopy(init)
+    v1, v2 = interleaved(args.rounds, lrs, work, proto, [
+        dict(heads=v1_heads, per_round=args.v1_iters, batches=v1_batches,
+             fit=dict(loss_fn=lambda b, it, j: seg_loss(v1_heads.heads[j](b[0]), b[1]))),
+        dict(heads=v2_heads, per_round=args.v2_iters, batches=v2_batches,
+             fit=dict(loss_fn=None, losses_fn=lambda b, it: list(token_seg_losses(
+                 seg_grid_train_logits(v2_heads.heads, b[0]), b[1], b[0].shape[0] * ppi))))])
+    # one held-out evaluation at full resolution (the fast eval_fn: 5 heads, logits resized to 512x512)
+    v2_heads.eval()
+    t0 = time.time()
+    accs = [IoUAccumulator(k, IGNORE_INDEX) for _ in lrs]
+    with torch.no_grad():
+        for s in range(0, len(cache), 8):
+            idx = list(range(s, min(s + 8, len(cache))))
+            feats, labels = cache.stack(idx, "patch", torch.float32), cache.stack(idx, "label", torch.int64)
+            for acc, h in zip(accs, v2_heads.heads):
+                acc.update(resize(h(feats), tuple(labels.shape[-2:])).argmax(1), labels)
+    eval_s = (time.time() - t0) / len(cache)
+    n_hold = round(proto["holdout_fraction"] * VOC_TRAIN_IMAGES)
+    n_evals = int(proto["max_iters"]) // int(proto["eval_interval"])
+    rows.append(dict(task="linear-seg", backbone=args.backbone, grid=f"{grid[0]}x{grid[1]}",
+                     label=f"{crop[0]}x{crop[1]}",
+                     v1=v1, v2=v2, v1_iters=args.rounds * args.v1_iters, v2_iters=args.rounds * args.v2_iters,
+                     extract=extract_s,
+                     targets=targets_s, eval=eval_s, max_iters=int(proto["max_iters"]), n_hold=n_hold,
+                     n_evals=n_evals))
+    notes.append(f"linear-seg held-out evaluation (full resolution, {HEADS} heads): {eval_s * 1000:.0f} ms per "
+                 f"image; a 4,000-iteration VOC run evaluates {n_hold} held-out images {n_evals} times = "
+                 f"{eval_s * n_hold * n_evals / 60:.1f} min.")
+
+
+def depth_bench(args: argparse.Namespace, work: str, rows: List[Dict[str, Any]], notes: List[str]) -> None:
+    from harness.compat.mmcv_ops import import_mmseg
+    from harness.models import build_dense_model
+    from harness.prepare.nyu import prepare_nyu
+    from harness.probes.cache import FeatureCache
+    from harness.probes.data import depth_fixed_view_pipeline, register_transforms
+    from harness.probes.extract import FixedViewSamples, fill_cache
+    from harness.probes.features import dense_features, resize
+    from harness.probes.heads import DepthBinsHead, HeadBank, depth_head_input, depth_head_split_forward
+    from harness.probes.losses import depth_loss
+    from harness.probes.targets import derive_cache, masked_mean_pool
+    from harness.protocols import get_protocol
+    from harness.registry import DATASETS
+    from harness.synthetic.nyu import write_synthetic_nyu
+
+    import_mmseg()
+    register_transforms()
+    proto = get_protocol("depth", "fast").settings("nyu")
+    crop, scale, up = tuple(proto["crop_size"]), float(proto["depth_rescale_factor"]), int(proto["upsample"])
+    mat, splits = write_synthetic_nyu(os.path.join(work, "nyu_raw"), args.images, 2, seed=0)
+    root = os.path.join(work, "nyu")
+    prepare_nyu(mat, root, splits)
+    ds = DATASETS.get("nyu").build(root, "train", depth_fixed_view_pipeline(scale, crop))
+    model = build_dense_model(args.backbone, "vanilla", random_init=True).eval()
+    cache = FeatureCache(os.path.join(work, "depth-cache"), {"bench": 3},
+                         {"patch": "float16", "cls": "float16", "depth": "uint16"})
+
+    def featurize(x):
+        f = dense_features(model, x)
+        return {"patch": f.patch, "cls": f.cls}
+
+    t0 = time.time()
+    fill_cache(cache, FixedViewSamples(ds, "depth", model.spec.mean_255, model.spec.std_255, pad_to=crop), featurize,
+               lambda s: {"depth": np.clip(np.rint(s["target"].numpy() / scale), 0, 65535).astype(np.uint16)},
+               4, 0, False, "cache")
+    extract_s = (time.time() - t0) / len(cache)
+    grid = tuple(cache.shape(0, "patch")[1:])
+    out = (grid[0] * up, grid[1] * up)
+    targets = FeatureCache(os.path.join(work, "depth-targets"), {"bench": 4}, {"depth": "float32"})
+    t0 = time.time()
+    derive_cache(cache, targets, lambda i: {"depth": masked_mean_pool(
+        np.asarray(cache.get(i, "depth"), np.float64) * scale, out)}, False, "targets")
+    targets_s = (time.time() - t0) / len(cache)
+    c = cache.shape(0, "patch")[0]
+    lrs = [float(x) for x in proto["optimizer"]["lrs"]]
+    torch.manual_seed(0)
+    init = HeadBank([DepthBinsHead(2 * c, int(proto["n_bins"]), float(proto["min_depth"]), float(proto["max_depth"]),
+                                   up) for _ in lrs])
+    rng = np.random.default_rng(0)
+    order = [rng.permutation(len(cache))[:BATCH].tolist()
+             for _ in range(args.depth_rounds * max(args.depth_v1_iters, args.depth_v2_iters))]
+    warm = int(proto["sigloss_warmup_iters"])
+
+    def v1_batches(offset: int):
+        def batches(start: int):
+            for idx in order[offset + start:offset + args.depth_v1_iters]:
+                x = depth_head_input(cache.stack(idx, "patch", torch.float32), cache.stack(idx, "cls", torch.float32))
+                yield x, cache.stack(idx, "depth", torch.float32)[:, None] * scale
+        return batches
+
+    def v2_batches(offset: int):
+        def batches(start: int):
+            for idx in order[offset + start:offset + args.depth_v2_iters]:
+                yield ((cache.stack(idx, "patch", torch.float32), cache.stack(idx, "cls", torch.float32)),
+                       targets.stack(idx, "depth", torch.float32)[:, None])
+        return batches
+
+    v1_heads, v2_heads = copy.deepcopy(init), copy.deepcopy(init)
+    v1, v2 = interleaved(args.depth_rounds, lrs, work, proto, [
+        dict(heads=v1_heads, per_round=args.depth_v1_iters, batches=v1_batches,
+             fit=dict(loss_fn=lambda b, it, j: depth_loss(resize(v1_heads.heads[j](b[0]), tuple(b[1].shape[-2:])),
+                                                          b[1], it, warm_iters=warm))),
+        dict(heads=v2_heads, per_round=args.depth_v2_iters, batches=v2_batches,
+             fit=dict(loss_fn=lambda b, it, j: depth_loss(depth_head_split_forward(v2_heads.heads[j], *b[0]), b[1],
+                                                          it, warm_iters=warm)))])
+    rows.append(dict(task="depth", backbone=args.backbone, grid=f"{grid[0]}x{grid[1]}",
+                     label=f"{crop[0]}x{crop[1]} -> {out[0]}x{out[1]}", v1=v1, v2=v2,
+                     v1_iters=args.depth_rounds * args.depth_v1_iters,
+                     v2_iters=args.depth_rounds * args.depth_v2_iters, extract=extract_s, targets=targets_s,
+                     eval=float("nan"),
+                     max_iters=int(proto["max_iters"]), n_hold=0, n_evals=0))
+
+
+def vit_b_forward(args: argparse.Namespace) -> float:
+    """Seconds per image of a random-init ViT-B/14 (DINOv2 B) forward at the padded 512 crop (518x518)."""
+    from harness.models import build_dense_model
+    from harness.probes.features import dense_features
+
+    model = build_dense_model("dinov2-b14", "vanilla", random_init=True).eval()
+    x = torch.randn(args.vitb_batch, 3, 512, 512)
+    dense_features(model, x)  # warm-up
+    t0 = time.time()
+    for _ in range(args.vitb_reps):
+        dense_features(model, x)
+    return (time.time() - t0) / (args.vitb_reps * args.vitb_batch)
+
+
+def duration(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backbone", default="dinov2-s14", help="backbone of the cached features (random init)")
+    ap.add_argument("--images", type=int, default=16, help="generated training images per task")
+    ap.add_argument("--rounds", type=int, default=3, help="linear-seg timing rounds (v1 and v2 alternate)")
+    ap.add_argument("--v1-iters", type=int, default=1, help="linear-seg v1 iterations per round")
+    ap.add_argument("--v2-iters", type=int, default=15, help="linear-seg v2 iterations per round")
+    ap.add_argument("--depth-rounds", type=int, default=2)
+    ap.add_argument("--depth-v1-iters", type=int, default=1, help="depth v1 iterations per round")
+    ap.add_argument("--depth-v2-iters", type=int, default=1, help="depth v2 iterations per round")
+    ap.add_argument("--vitb-batch", type=int, default=2)
+    ap.add_argument("--vitb-reps", type=int, default=2)
+    ap.add_argument("--skip-depth", action="store_true")
+    ap.add_argument("--out", default=os.path.join(HERE, "fast_probe.md"))
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    work = tempfile.mkdtemp(prefix="fast_probe_")
+    rows: List[Dict[str, Any]] = []
+    notes: List[str] = []
+    load_before = os.getloadavg()
+    t_start = time.time()
+    seg_bench(args, work, rows, notes)
+    if not args.skip_depth:
+        depth_bench(args, work, rows, notes)
+    vitb = vit_b_forward(args)
+    load_after = os.getloadavg()
+    for r in rows:
+        print(f"{r['task']:10s} v1 {r['v1']:.3f} s/it  v2 {r['v2']:.4f} s/it  speed-up {r['v1'] / r['v2']:.1f}x",
+              flush=True)
+    extraction_min = vitb * VOC_TRAIN_IMAGES / 60
+    device = f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()}), torch " \
+             f"{torch.__version__}, {torch.get_num_threads()} threads"
+    lines = [
+        "# Fast probes: the v1 and v2 training steps",
+        "",
+        f"Generated by `{' '.join(['python benchmarks/fast_probe.py'] + sys.argv[1:])}` "
+        f"({time.strftime('%Y-%m-%d %H:%M')} "
+        f"UTC), {device}; {time.time() - t_start:.0f} s in all. Load average (1/5/15 min) before: "
+        f"{load_before[0]:.2f}/{load_before[1]:.2f}/{load_before[2]:.2f}, after: "
+        f"{load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f} -- the machine was shared, so absolute "
+        "times are inflated; v1 and v2 ran in the same process, alternating in rounds (so both saw the same "
+        "load), on the same cache and the same initial heads.",
+        "",
+        f"Cached features: `{args.backbone}` (random init), {args.images} generated training images per task "
+        f"(VOC-sized 375x500 -> fixed 512x512 view; NYU 480x640 -> 416x544 view). Step = one trainer iteration "
+        f"of the shipped `fast` protocol: {HEADS} heads (its learning-rate grid), batch {BATCH}, batch loading from "
+        "the memory-mapped cache, forward, backward, AdamW. v1: head outputs upsampled to the label / depth view "
+        "(seg: per-pixel cross-entropy at 512x512; depth: prediction resized to 416x544). v2: seg loss on the "
+        "token grid against per-token label histograms, the grid as one GEMM with BatchNorm folded in; depth loss "
+        "at the head's output grid against masked-mean depth, CLS half of the conv as a per-image bias.",
+        "",
+        "| task | token grid | label / target | v1 s/iter (iters) | v2 s/iter (iters) | speed-up | 4,000 iters v1 "
+        "| 4,000 iters v2 | extraction s/image | targets ms/image |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['task']} | {r['grid']} | {r['label']} | {r['v1']:.3f} ({r['v1_iters']}) | {r['v2']:.4f} "
+            f"({r['v2_iters']}) | **{r['v1'] / r['v2']:.1f}x** | {duration(r['v1'] * r['max_iters'])} | "
+            f"{duration(r['v2'] * r['max_iters'])} | {r['extract']:.2f} | {r['targets'] * 1000:.1f} |")
+    seg = rows[0]
+    seg_total = seg["v2"] * seg["max_iters"] + seg["eval"] * seg["n_hold"] * seg["n_evals"]
+    lines += [
+        "",
+        f"ViT-B/14 (`dinov2-b14`, random init) forward at the padded 512 crop (518x518, 37x37 tokens): "
+        f"{vitb:.2f} s per image (batch {args.vitb_batch}, mean of {args.vitb_reps} timed batches after one "
+        f"warm-up, same load), so extracting VOC train ({VOC_TRAIN_IMAGES} fixed views) takes about "
+        f"**{extraction_min:.1f} min** (forward only; decoding, resizing and writing the cache come on top, and the "
+        f"val windows -- {VOC_VAL_IMAGES} images x 2 windows of 512 at a 512 short side -- cost twice that again).",
+        f"The 4,000 linear-seg v2 iterations cost {seg['v2'] * seg['max_iters'] / 60:.1f} min "
+        f"({seg_total / 60:.1f} min with the full-resolution held-out evaluations), against "
+        f"{seg['v1'] * seg['max_iters'] / 3600:.1f} h for v1. With a ViT-B/14 cache (768 channels instead of "
+        f"{384 if 's14' in args.backbone else 'the'} here) the v2 step's GEMM doubles; it stays "
+        f"{'below' if 2 * seg['v2'] * seg['max_iters'] < vitb * VOC_TRAIN_IMAGES else 'above'} the extraction.",
+        *notes,
+    ]
+    if len(rows) > 1:
+        d = rows[1]
+        nyu = [vitb * TOKENS_NYU / TOKENS_VOC * n for n in NYU_TRAIN_FRAMES]
+        lines.append(
+            f"Depth: the v2 step is {d['v1'] / d['v2']:.1f}x the v1 step; what remains is the bins head itself at its "
+            f"output grid (256 bins x {d['label'].split('-> ')[1]} per image, ReLU and normalisation after the x4 "
+            "upsampling), which v2 keeps: the head is the recipe's, only the loss moved. 4,000 v2 iterations "
+            f"({duration(d['v2'] * d['max_iters'])}) against a ViT-B/14 extraction of NYU train estimated from the "
+            f"518x518 forward scaled by token count ({TOKENS_NYU}/{TOKENS_VOC}): {NYU_TRAIN_FRAMES[0]} official "
+            f"frames {duration(nyu[0])}, the {NYU_TRAIN_FRAMES[1]} BTS frames {duration(nyu[1])}.")
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""The ``fast`` probe protocols are version 2 (loss on the head's grid); faithful stays version 1; versions
+never share a record, a run key or a checkpoint; ``train_loss`` is checked with an error naming the file."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from harness.errors import ConfigError
+from harness.evaluators.depth import DepthEvaluator
+from harness.evaluators.linear_seg import LinearSegEvaluator
+from harness.protocols import get_protocol, load_protocol_file
+from harness.results.record import record_path, run_key
+
+
+@pytest.mark.parametrize("task,dataset,loss", [("linear-seg", "voc21", "token"), ("depth", "nyu", "head-output")])
+def test_fast_is_version_2_with_the_grid_loss_and_faithful_is_untouched(task, dataset, loss) -> None:
+    fast = get_protocol(task, "fast")
+    assert fast.version == 2 and fast.settings(dataset)["train_loss"] == loss
+    assert "Version 2" in fast.description and "Not faithful" in fast.description
+    assert "version 2" in fast.source
+    faithful = get_protocol(task, "faithful")
+    assert faithful.version == 1 and "train_loss" not in faithful.settings(dataset)
+    # everything but the loss is what version 1 had (iterations, grid of learning rates, batch, selection)
+    s = fast.settings(dataset)
+    assert (s["max_iters"], s["batch_size"], s["holdout_fraction"], len(s["optimizer"]["lrs"])) == (4000, 16, 0.1, 5)
+
+
+def test_versions_never_share_a_run_key_or_record_path() -> None:
+    common = dict(task="linear-seg", protocol="fast", backbone="dinov2-s14", weights="w", method="vanilla",
+                  method_params={}, dataset="voc21", split="val", limit=None, data_root="/d")
+    k1, k2 = run_key(protocol_version=1, **common), run_key(protocol_version=2, **common)
+    assert k1 != k2
+    paths = {record_path("r", "linear-seg", "fast", "dinov2-s14", "vanilla", "voc21", k) for k in (k1, k2)}
+    assert len(paths) == 2
+
+
+def _run(settings, path="p.yaml"):
+    return SimpleNamespace(settings=settings, where=f"linear-seg/x v1 ({path})")
+
+
+def test_train_loss_defaults_to_version_1_and_rejects_unknown_values(tmp_path) -> None:
+    # a version-1 file has no train_loss: it keeps meaning the full-resolution loss
+    assert LinearSegEvaluator()._train_loss(_run({})) == "pixel"
+    assert DepthEvaluator()._train_loss(_run({})) == "pixel"
+    assert LinearSegEvaluator()._train_loss(_run({"train_loss": "token"})) == "token"
+    assert DepthEvaluator()._train_loss(_run({"train_loss": "head-output"})) == "head-output"
+    with pytest.raises(ConfigError, match=r"p\.yaml\): train_loss 'token' must be one of pixel, head-output"):
+        DepthEvaluator()._train_loss(_run({"train_loss": "token"}))
+    with pytest.raises(ConfigError, match="must be one of pixel, token"):
+        LinearSegEvaluator()._train_loss(_run({"train_loss": "tokens"}))
+
+
+def test_a_faithful_file_with_a_grid_loss_is_refused(tmp_path) -> None:
+
+    p = tmp_path / "faithful-token.yaml"
+    with open(get_protocol("linear-seg", "faithful").path) as f:
+        data = yaml.safe_load(f)
+    data["id"] = "faithful-token"
+    data.pop("default", None)
+    data["defaults"]["train_loss"] = "token"
+    p.write_text(yaml.safe_dump(data))
+    # the protocol schema refuses it when the file is read: train_loss is a key of fast protocols only
+    with pytest.raises(ConfigError, match=r"faithful-token\.yaml: defaults\.train_loss: unknown key 'train_loss'"):
+        load_protocol_file(str(p))
