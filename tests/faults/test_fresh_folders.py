@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from harness.evaluators.base import RunConfig
@@ -17,14 +16,6 @@ from harness.registry import EVALUATORS
 from .helpers import ovss_args, records, run_cli, voc, write_protocol
 
 PROTOCOLS = Path(__file__).resolve().parents[2] / "harness" / "protocols"
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _scaled(path: Path, task: str, base: str, **overrides) -> str:

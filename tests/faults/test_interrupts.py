@@ -10,20 +10,11 @@ import signal
 from pathlib import Path
 
 import pytest
-import torch
 
 from harness.evaluators import ovss as ovss_mod
 from harness.probes.trainer import ProbeTrainer
 
 from .helpers import linear_protocol, one_error, ovss_args, records, run_cli, voc, write_protocol
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])

@@ -23,14 +23,6 @@ from harness.results.record import read_record
 from .helpers import leftovers, one_error, ovss_args, records, run_cli, voc, write_protocol
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def setup(tmp_path):
     return {"root": voc(tmp_path / "data", n=3), "results": tmp_path / "results", "cache": tmp_path / "cache",
