@@ -64,11 +64,10 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.base import Backbone, BlockParts, TokenLayout, Tokens, check_patch_multiple
-from ..backbones.pos_embed import interpolate_patch_pos_embed
+from ..backbones.pos_embed import interpolate_patch_pos_embed, interpolate_patch_pos_embed_to_size
 from ..errors import ConfigError, WeightsError
 from ..registry import METHODS
 from .base import Method
@@ -97,15 +96,7 @@ def interpolate_pos_size(patch_pos: torch.Tensor, grid: Tuple[int, int]) -> torc
     The rule of ``ModifiedImageEncoder.upsampling_pos_embedding`` (models/OpenaiMaskCLIP/clip_reg.py @ 1a6f9b8):
     an explicit target size, hence no +0.1 offset; unchanged on the stored grid, as their forward skips it there.
     """
-    n, dim = patch_pos.shape
-    m = math.isqrt(n)
-    if m * m != n:
-        raise ValueError(f"positional embedding has {n} patch positions, not a square grid")
-    if tuple(grid) == (m, m):
-        return patch_pos
-    src = patch_pos.float().reshape(1, m, m, dim).permute(0, 3, 1, 2)
-    out = F.interpolate(src, size=(int(grid[0]), int(grid[1])), mode="bicubic", align_corners=False)
-    return out.permute(0, 2, 3, 1).reshape(-1, dim).to(patch_pos.dtype)
+    return interpolate_patch_pos_embed_to_size(patch_pos, grid)
 
 
 def _interpolate(rule: str, patch_pos: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:

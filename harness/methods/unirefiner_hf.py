@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backbones.pos_embed import interpolate_patch_pos_embed_to_size
 from ..errors import WeightsError
 
 #: LoRA preset ``linear_r-8`` (unirefiner/models/lora/presets/linear_r-8.json @ 38f4e71b): r 8, alpha 16, dropout 0.1
@@ -89,15 +90,7 @@ def hf_to_openclip(hf: Mapping[str, torch.Tensor], depth: int) -> Dict[str, torc
 def interpolate_pos_hf(patch_pos: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
     """(M*M, D) -> (h*w, D) as transformers' ``CLIPVisionEmbeddings.interpolate_pos_encoding`` (the authors' tower):
     bicubic to an explicit ``size``, ``align_corners=False``, no +0.1 offset; unchanged on the stored grid."""
-    n, dim = patch_pos.shape
-    m = int(round(n ** 0.5))
-    if m * m != n:
-        raise ValueError(f"positional embedding has {n} patch positions, not a square grid")
-    if tuple(grid) == (m, m):
-        return patch_pos
-    src = patch_pos.float().reshape(1, m, m, dim).permute(0, 3, 1, 2)
-    out = F.interpolate(src, size=(int(grid[0]), int(grid[1])), mode="bicubic", align_corners=False)
-    return out.permute(0, 2, 3, 1).reshape(-1, dim).to(patch_pos.dtype)
+    return interpolate_patch_pos_embed_to_size(patch_pos, grid)
 
 
 # -- reading a file -----------------------------------------------------------------------------------------
