@@ -10,10 +10,16 @@ flipped frame, Eigen crop, 0.001 < d < 10; metrics per image, averaged over imag
 Protocols: ``faithful`` (DVT's NYU recipe: NYUCrop, rotation, flip, random crop 416x544, colour
 augmentation; AdamW 5e-3, wd 0.01, grad clip 35, cosine with 12.8k warm-up and one-cycle momentum,
 38.4k iterations at batch 16) and ``fast`` (cached fixed views, a learning-rate grid, best head on a
-held-out part of train by ``abs_rel``). ``fast`` version 2 (``train_loss: head-output``) computes the
-training loss at the head's output resolution (4x the token grid) against the valid-masked mean of the
-depth pixels each output cell covers, derived once per cached view (``probes/targets.py``); version 1
-(``pixel``) resized the prediction to the 416x544 view. Held-out selection and test stay at full resolution.
+held-out part of train by ``abs_rel``). ``fast`` version 3 (``train_loss: token``) computes the training
+loss at the token grid: the heads without their x4 upsampling, all heads' logits from one product over the
+shared token matrix (``probes/heads.py`` ``depth_token_grid_train``), against the valid-masked mean of the
+depth pixels each token covers, derived once per cached view (``probes/targets.py``); version 2
+(``head-output``) did the same at the head's output resolution (4x the token grid) and version 1 (``pixel``)
+resized the prediction to the 416x544 view. Held-out selection and test stay at full resolution.
+
+The NYU training crop (``nyu_crop_box``), the Eigen test crop (``eigen_crop_box``) and the one-cycle momentum
+(``onecycle_momentum``) are protocol keys too; the code constants they replace are only the defaults of the
+functions (``probes/data.py``, ``metrics/depth.py``, ``probes/schedules.py``).
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ from ..metrics.depth import DEPTH_METRICS, LOWER_IS_BETTER, DepthAccumulator
 from ..probes.cache import FeatureCache
 from ..probes.common import lr_name, seeded
 from ..probes.data import (
+    NYU_TRAIN_CROP,
     AugmentedSamples,
     IterationBatches,
     collate,
@@ -38,8 +45,14 @@ from ..probes.data import (
 )
 from ..probes.extract import FixedViewSamples, fill_cache
 from ..probes.features import dense_features, depth_flip_average, depth_from_features, resize
-from ..probes.heads import DepthBinsHead, HeadBank, depth_head_input, depth_head_split_forward
-from ..probes.losses import depth_loss
+from ..probes.heads import (
+    DepthBinsHead,
+    HeadBank,
+    depth_head_input,
+    depth_head_split_forward,
+    depth_token_grid_train,
+)
+from ..probes.losses import depth_loss, depth_losses
 from ..probes.targets import derive_cache, masked_mean_pool
 from ..probes.trainer import ProbeTrainer
 from ..registry import EVALUATORS
@@ -49,7 +62,8 @@ from .probe_base import ProbeEvaluator, ProbeRun
 TASK = "depth"
 COMMON_KEYS = ("train_split", "depth_rescale_factor", "min_depth", "max_depth", "eigen_crop", "flip_test",
                "crop_size", "optimizer", "schedule", "max_iters", "batch_size", "eval_interval",
-               "checkpoint_interval", "log_interval", "n_bins", "upsample", "sigloss_warmup_iters", "loss", "head")
+               "checkpoint_interval", "log_interval", "n_bins", "upsample", "sigloss_warmup_iters", "loss", "head",
+               "nyu_crop_box", "eigen_crop_box", "onecycle_momentum")
 FAITHFUL_KEYS = ("rotate_prob", "rotate_degree", "flip_prob", "color_prob", "gamma_range", "brightness_range",
                  "color_range")
 FAST_KEYS = ("holdout_fraction", "select_metric")
@@ -86,8 +100,9 @@ class DepthEvaluator(ProbeEvaluator):
     task = TASK
     optimiser_source = "DVT's NYU probe optimiser"
     #: pixel: v1, prediction resized to the depth map; head-output: v2, loss at the head's output resolution
-    #: against the valid-masked mean depth of each output cell
-    fast_train_losses = ("pixel", "head-output")
+    #: against the valid-masked mean depth of each output cell; token: v3, the heads' depth at the token grid
+    #: (no upsampling) against the valid-masked mean depth of each token's pixels
+    fast_train_losses = ("pixel", "head-output", "token")
     default_eval_split = "test"
     common_keys, faithful_keys, fast_keys = COMMON_KEYS, FAITHFUL_KEYS, FAST_KEYS
 
@@ -105,7 +120,8 @@ class DepthEvaluator(ProbeEvaluator):
 
     def _accumulator(self, run: ProbeRun, eigen: bool) -> DepthAccumulator:
         s = run.settings
-        return DepthAccumulator(float(s["min_depth"]), float(s["max_depth"]), eigen_crop=eigen)
+        return DepthAccumulator(float(s["min_depth"]), float(s["max_depth"]), eigen_crop=eigen,
+                                eigen_crop_box=tuple(int(v) for v in s["eigen_crop_box"]))
 
     def _finish(self, run: ProbeRun, trainer: ProbeTrainer, acc: DepthAccumulator,
                 extra: Dict[str, Any]) -> RunRecord:
@@ -120,11 +136,11 @@ class DepthEvaluator(ProbeEvaluator):
                          "metres, delta1-3 in percent, silog x100; Eigen crop, 0.001 < d < 10 m")
         return run.finish(record_metrics(m), len(acc), extra)
 
-    def _output_targets(self, run: ProbeRun, tr_cache: FeatureCache) -> FeatureCache:
-        """Depth (metres) of every cached training view pooled onto the head's output grid (valid-masked mean),
-        derived once into a sibling cache."""
+    def _output_targets(self, run: ProbeRun, tr_cache: FeatureCache, up: int) -> FeatureCache:
+        """Depth (metres) of every cached training view pooled onto ``up`` x the token grid (valid-masked mean),
+        derived once into a sibling cache: the head's output grid for v2 (``up`` = the head's upsampling), the
+        token grid itself for v3 (``up`` = 1)."""
         grid = tuple(tr_cache.shape(0, "patch")[1:])
-        up = int(run.settings["upsample"])
         out = (int(grid[0]) * up, int(grid[1]) * up)
         scale = float(run.settings["depth_rescale_factor"])
         tg = run.derived_cache(tr_cache, "masked-mean-depth", {"grid": list(out), "depth_rescale_factor": scale},
@@ -147,7 +163,7 @@ class DepthEvaluator(ProbeEvaluator):
             raise ConfigError(f"protocol {run.where}: the faithful recipe trains one head (optimizer.lr)")
         crop = (int(s["crop_size"][0]), int(s["crop_size"][1]))
         aug = {k: s[k] for k in FAITHFUL_KEYS}
-        aug.update(depth_rescale_factor=s["depth_rescale_factor"], crop_size=crop)
+        aug.update(depth_rescale_factor=s["depth_rescale_factor"], crop_size=crop, nyu_crop_box=s["nyu_crop_box"])
         train_ds = run.build(spec, train_split, depth_train_pipeline(aug))
         test_ds = run.build(spec, run.eval_split, depth_test_pipeline(s["depth_rescale_factor"]))
         probe = dense_features(model, torch.zeros(1, 3, model.spec.patch_size, model.spec.patch_size, device=dev),
@@ -234,9 +250,13 @@ class DepthEvaluator(ProbeEvaluator):
             g = dense_features(model, imgs.flip(-1).to(dev), s["precision"])
             return {"patch": f.patch, "cls": f.cls, "patch_flip": g.patch, "cls_flip": g.cls}
 
-        train_ds = run.build(spec, train_split, depth_fixed_view_pipeline(scale, crop))
+        nyu_box = tuple(int(v) for v in s["nyu_crop_box"])
+        train_ds = run.build(spec, train_split, depth_fixed_view_pipeline(scale, crop, nyu_box))
         view = f"nyucrop-center{crop[0]}x{crop[1]}"
-        tr_cache = run.open_cache(train_split, view, train_ds, {"depth_rescale_factor": scale},
+        view_key: Dict[str, Any] = {"depth_rescale_factor": scale}
+        if nyu_box != NYU_TRAIN_CROP:  # only another crop than the toolbox's: existing caches keep their names
+            view_key["nyu_crop_box"] = list(nyu_box)
+        tr_cache = run.open_cache(train_split, view, train_ds, view_key,
                                   {"patch": "float16", "cls": "float16", "depth": "uint16"})
         fill_cache(tr_cache, FixedViewSamples(train_ds, "depth", mean, std, pad_to=crop), featurize,
                    lambda smp: {"depth": to_mm(smp["target"])}, bs, cfg.num_workers, cfg.progress,
@@ -260,7 +280,8 @@ class DepthEvaluator(ProbeEvaluator):
         hold_idx, fit_idx = sorted(perm[:n_hold].tolist()), perm[n_hold:].tolist()
         in_ch = int(tr_cache.shape(0, "patch")[0] + tr_cache.shape(0, "cls")[0])
         train_loss = self._train_loss(run)
-        tg_cache = self._output_targets(run, tr_cache) if train_loss == "head-output" else None
+        tg_cache = None if train_loss == "pixel" else \
+            self._output_targets(run, tr_cache, int(s["upsample"]) if train_loss == "head-output" else 1)
         with seeded(cfg.seed):
             heads = HeadBank([self._head(run, in_ch) for _ in lrs]).to(dev)
         names = [lr_name(lr) for lr in lrs]
@@ -279,7 +300,11 @@ class DepthEvaluator(ProbeEvaluator):
             sampler = IterationBatches(len(fit_idx), batch, start, int(s["max_iters"]), cfg.seed)
             for items in sampler:
                 idx = [fit_idx[k] for (_, _, k) in items]
-                if tg_cache is not None:  # v2: patch and CLS apart, depth already at the head's output size
+                if train_loss == "token":  # v3: (C, B, h, w) in one pass per item, depth already on the token grid
+                    yield ((tr_cache.stack_channels_first(idx, "patch").to(dev),
+                            tr_cache.stack(idx, "cls", torch.float32).to(dev)),
+                           tg_cache.stack(idx, "depth", torch.float32).to(dev)[:, None])
+                elif tg_cache is not None:  # v2: patch and CLS apart, depth already at the head's output size
                     yield ((tr_cache.stack(idx, "patch", torch.float32).to(dev),
                             tr_cache.stack(idx, "cls", torch.float32).to(dev)),
                            tg_cache.stack(idx, "depth", torch.float32).to(dev)[:, None])
@@ -292,6 +317,11 @@ class DepthEvaluator(ProbeEvaluator):
                 return depth_loss(depth_head_split_forward(heads.heads[j], *x), gt, it, warm_iters=warm,
                                   **s["loss"])
             return depth_loss(resize(heads.heads[j](x), tuple(gt.shape[-2:])), gt, it, warm_iters=warm, **s["loss"])
+
+        def token_losses(b: Tuple[Any, torch.Tensor], it: int) -> List[torch.Tensor]:
+            (patch, cls), gt = b
+            return list(depth_losses(depth_token_grid_train(heads.heads, patch, cls), gt, it, warm_iters=warm,
+                                     **s["loss"]))
 
         metric = str(s["select_metric"])
         last: Dict[str, Any] = {}
@@ -310,7 +340,10 @@ class DepthEvaluator(ProbeEvaluator):
             last.update(it=it, scores=out)
             return out
 
-        trainer.fit(batches, loss_fn, eval_fn, int(s["eval_interval"]))
+        if train_loss == "token":  # the whole grid from one product: one backward of the summed losses
+            trainer.fit(batches, None, eval_fn, int(s["eval_interval"]), losses_fn=token_losses)
+        else:
+            trainer.fit(batches, loss_fn, eval_fn, int(s["eval_interval"]))
         final = last["scores"] if last.get("it") == int(s["max_iters"]) else eval_fn(int(s["max_iters"]))
         scores = np.asarray([final[nm][metric] for nm in names], dtype=np.float64)
         best = int(np.nanargmin(scores) if metric in LOWER_IS_BETTER else np.nanargmax(scores))
@@ -348,6 +381,10 @@ class DepthEvaluator(ProbeEvaluator):
             extra["train_target_grid"] = list(tg_cache.shape(0, "depth"))
             loss_note = ("training loss at the head's output resolution against the valid-masked mean depth of "
                          "each output cell (not the full-resolution loss of faithful)")
+            if train_loss == "token":
+                loss_note = ("training loss at the token grid (the heads without their x4 upsampling) against the "
+                             "valid-masked mean depth of each token's pixels (not the full-resolution loss of "
+                             "faithful)")
         run.notes.append("fast protocol (not faithful): one fixed view per training image (NYUCrop + centre crop), "
                          f"features cached in fp16, {len(lrs)} heads (lr grid) trained together, {loss_note}, "
                          f"best by held-out {metric} on {n_hold} train images")

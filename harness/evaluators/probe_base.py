@@ -270,7 +270,9 @@ class ProbeEvaluator(Evaluator):
             from ..probes.sync_bn import globalize_batchnorm
 
             globalize_batchnorm(heads)
-        return ProbeTrainer(heads, names, lrs, wd, betas, clip, Schedule(s["schedule"], int(s["max_iters"])),
+        # depth protocols state the one-cycle momentum numbers (onecycle_momentum); linear-seg uses mmcv's defaults
+        schedule = Schedule(s["schedule"], int(s["max_iters"]), s.get("onecycle_momentum"))
+        return ProbeTrainer(heads, names, lrs, wd, betas, clip, schedule,
                             int(s["max_iters"]), run.artifact("ckpt.pt"), run.fingerprint(fp_extra),
                             int(s["checkpoint_interval"]), int(s["log_interval"]), progress=run.cfg.progress,
                             desc=desc, kill_after=int(kill) if kill is not None else None, dist=run.dist)

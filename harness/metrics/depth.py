@@ -15,12 +15,13 @@ pixels -- the mismatch behind dinov2 #484. Note mmseg 1.x ``DepthMetric`` uses a
 (factor 0.5, no x100); we follow the toolbox because DVT's numbers come from it.
 
 Valid pixels (NYU, toolbox ``depth/datasets/nyu.py`` at the same commit): ``min_depth < d < max_depth``
-inside the Eigen crop, rows 45:471 and columns 41:601 of a 480x640 map.
+inside the Eigen crop, rows 45:471 and columns 41:601 of a 480x640 map (the default here; the depth
+evaluator passes the protocol's ``eigen_crop_box``).
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -31,14 +32,18 @@ DEPTH_METRICS: Tuple[str, ...] = ("delta1", "delta2", "delta3", "abs_rel", "sq_r
 LOWER_IS_BETTER = frozenset({"abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog"})
 
 #: Eigen crop for NYU at 480x640: rows 45:471, cols 41:601
-#: (zhyever/Monocular-Depth-Estimation-Toolbox@d8aff50e depth/datasets/nyu.py)
+#: (zhyever/Monocular-Depth-Estimation-Toolbox@d8aff50e depth/datasets/nyu.py). The default of the functions
+#: below; the depth evaluator passes the protocol's ``eigen_crop_box`` (harness/protocols/depth/*.yaml)
 EIGEN_CROP: Tuple[int, int, int, int] = (45, 471, 41, 601)
+#: the frame size the box is given on: NYUv2's 480x640 (same toolbox file)
 EIGEN_CROP_SIZE: Tuple[int, int] = (480, 640)
 
 
-def eigen_crop_mask(height: int, width: int, device: Optional[torch.device] = None) -> torch.Tensor:
-    """Boolean (H, W) mask of the Eigen crop; for sizes other than 480x640 the box is scaled (as DINOv3 does)."""
-    y0, y1, x0, x1 = EIGEN_CROP
+def eigen_crop_mask(height: int, width: int, device: Optional[torch.device] = None,
+                    box: Sequence[int] = EIGEN_CROP) -> torch.Tensor:
+    """Boolean (H, W) mask of the Eigen crop ``box`` = (row0, row1, col0, col1) on a 480x640 frame; for other
+    sizes the box is scaled (as DINOv3 does)."""
+    y0, y1, x0, x1 = (int(v) for v in box)
     if (height, width) != EIGEN_CROP_SIZE:
         sy, sx = height / EIGEN_CROP_SIZE[0], width / EIGEN_CROP_SIZE[1]
         y0, y1, x0, x1 = int(y0 * sy), int(y1 * sy), int(x0 * sx), int(x1 * sx)
@@ -47,11 +52,12 @@ def eigen_crop_mask(height: int, width: int, device: Optional[torch.device] = No
     return m
 
 
-def valid_depth_mask(gt: torch.Tensor, min_depth: float, max_depth: float, eigen_crop: bool) -> torch.Tensor:
+def valid_depth_mask(gt: torch.Tensor, min_depth: float, max_depth: float, eigen_crop: bool,
+                     eigen_crop_box: Sequence[int] = EIGEN_CROP) -> torch.Tensor:
     """Pixels that count: ``min_depth < gt < max_depth`` (and inside the Eigen crop when asked)."""
     mask = (gt > min_depth) & (gt < max_depth)
     if eigen_crop:
-        mask &= eigen_crop_mask(gt.shape[-2], gt.shape[-1], gt.device)
+        mask &= eigen_crop_mask(gt.shape[-2], gt.shape[-1], gt.device, eigen_crop_box)
     return mask
 
 
@@ -87,17 +93,19 @@ class DepthAccumulator:
         0.0
     """
 
-    def __init__(self, min_depth: float = 1e-3, max_depth: float = 10.0, eigen_crop: bool = True) -> None:
+    def __init__(self, min_depth: float = 1e-3, max_depth: float = 10.0, eigen_crop: bool = True,
+                 eigen_crop_box: Sequence[int] = EIGEN_CROP) -> None:
         self.min_depth = float(min_depth)
         self.max_depth = float(max_depth)
         self.eigen_crop = bool(eigen_crop)
+        self.eigen_crop_box = tuple(int(v) for v in eigen_crop_box)
         self.per_image: List[Dict[str, float]] = []
 
     def update(self, pred: torch.Tensor, gt: torch.Tensor) -> Dict[str, float]:
         """Add one image: ``pred`` and ``gt`` are (H, W) depth maps in metres. Returns its metrics."""
         if pred.shape != gt.shape:
             raise ValueError(f"prediction shape {tuple(pred.shape)} != ground-truth shape {tuple(gt.shape)}")
-        mask = valid_depth_mask(gt, self.min_depth, self.max_depth, self.eigen_crop)
+        mask = valid_depth_mask(gt, self.min_depth, self.max_depth, self.eigen_crop, self.eigen_crop_box)
         m = image_depth_metrics(pred, gt, mask)
         self.per_image.append(m)
         return m

@@ -7,7 +7,8 @@ and *i*, independent of worker count and of whether the run was interrupted and 
 
 Two transforms the mmseg 1.x registry lacks are registered here, ported from the depth toolbox that
 DVT's NYU config uses (zhyever/Monocular-Depth-Estimation-Toolbox ``depth/datasets/pipelines/transforms.py``):
-``HarnessNYUCrop`` (img/depth[45:472, 43:608]) and ``HarnessDepthColorAug`` (gamma, brightness, colour).
+``HarnessNYUCrop`` (img/depth[45:472, 43:608] by default; the depth protocols' ``nyu_crop_box``) and
+``HarnessDepthColorAug`` (gamma, brightness, colour).
 """
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ from torch.utils.data import Dataset, Sampler
 from ..compat.mmcv_ops import import_mmseg
 
 #: NYUCrop of zhyever/Monocular-Depth-Estimation-Toolbox@d8aff50e (depth/datasets/pipelines/transforms.py):
-#: rows 45:472, cols 43:608 of the 480x640 frame
-NYU_TRAIN_CROP = (45, 472, 43, 608)
+#: rows 45:472, cols 43:608 of the 480x640 frame. The default of :class:`HarnessNYUCrop`; the depth evaluator
+#: passes the protocol's ``nyu_crop_box`` (harness/protocols/depth/*.yaml, same value and source)
+NYU_TRAIN_CROP: Tuple[int, int, int, int] = (45, 472, 43, 608)
 #: value of padded label pixels (mmseg ``seg_pad_val``); padded depth pixels are 0 (= invalid)
 IGNORE_INDEX = 255
 
@@ -39,10 +41,17 @@ def register_transforms() -> None:
     from mmseg.registry import TRANSFORMS
 
     class HarnessNYUCrop(BaseTransform):
-        """Toolbox ``NYUCrop(depth=True)``: crop image and depth to rows 45:472, cols 43:608 (white border)."""
+        """Toolbox ``NYUCrop(depth=True)``: crop image and depth to ``box`` = (row0, row1, col0, col1), by default
+        rows 45:472, cols 43:608 (the white border of the NYU frames)."""
+
+        def __init__(self, box: Sequence[int] = NYU_TRAIN_CROP) -> None:
+            if len(box) != 4 or not (0 <= box[0] < box[1] and 0 <= box[2] < box[3]):
+                raise ValueError(f"NYU crop box must be (row0, row1, col0, col1) with row0 < row1, col0 < col1; "
+                                 f"got {list(box)}")
+            self.box = tuple(int(v) for v in box)
 
         def transform(self, results: Dict[str, Any]) -> Dict[str, Any]:
-            y0, y1, x0, x1 = NYU_TRAIN_CROP
+            y0, y1, x0, x1 = self.box
             results["img"] = results["img"][y0:y1, x0:x1]
             for key in results.get("seg_fields", []):
                 results[key] = results[key][y0:y1, x0:x1]
@@ -236,7 +245,7 @@ def depth_train_pipeline(aug: Dict[str, Any]) -> List[dict]:
     return [
         dict(type="LoadImageFromFile"),
         dict(type="LoadDepthAnnotation", depth_rescale_factor=float(aug["depth_rescale_factor"])),
-        dict(type="HarnessNYUCrop"),
+        dict(type="HarnessNYUCrop", box=tuple(aug["nyu_crop_box"])),
         dict(type="RandomRotate", prob=float(aug["rotate_prob"]), degree=float(aug["rotate_degree"]), pad_val=0,
              seg_pad_val=0),
         dict(type="RandomFlip", prob=float(aug["flip_prob"])),
@@ -252,8 +261,10 @@ def depth_test_pipeline(depth_rescale_factor: float) -> List[dict]:
             dict(type="LoadDepthAnnotation", depth_rescale_factor=float(depth_rescale_factor))]
 
 
-def depth_fixed_view_pipeline(depth_rescale_factor: float, crop_size: Sequence[int]) -> List[dict]:
-    """``fast`` training view: NYUCrop then a centre crop of the training crop size."""
+def depth_fixed_view_pipeline(depth_rescale_factor: float, crop_size: Sequence[int],
+                              nyu_crop_box: Sequence[int] = NYU_TRAIN_CROP) -> List[dict]:
+    """``fast`` training view: NYUCrop (``nyu_crop_box``) then a centre crop of the training crop size."""
     return [dict(type="LoadImageFromFile"),
             dict(type="LoadDepthAnnotation", depth_rescale_factor=float(depth_rescale_factor)),
-            dict(type="HarnessNYUCrop"), dict(type="HarnessCenterCrop", crop_size=tuple(crop_size))]
+            dict(type="HarnessNYUCrop", box=tuple(nyu_crop_box)),
+            dict(type="HarnessCenterCrop", crop_size=tuple(crop_size))]

@@ -183,7 +183,7 @@ def depth_head_split_forward(head: DepthBinsHead, patch: torch.Tensor, cls: torc
     W_f f + (W_c c + b). The conv then costs h*w*C*bins per image instead of h*w*2C*bins, and (bilinear
     weights summing to 1) it runs before the upsampling, as the module does for wide inputs. Same function;
     the ``fast`` v2 depth step uses it (with the fused expectation of :class:`_BinsExpectation`), faithful keeps
-    the module's forward.
+    the module's forward; v3 drops the upsampling too (:func:`depth_token_grid_train`).
     """
     c = patch.shape[1]
     weight = head.conv_depth.weight[:, :, 0, 0]
@@ -194,6 +194,80 @@ def depth_head_split_forward(head: DepthBinsHead, patch: torch.Tensor, cls: torc
     h, w = patch.shape[-2:]
     z = F.interpolate(z, size=(h * head.upsample, w * head.upsample), mode="bilinear", align_corners=False)
     return _BinsExpectation.apply(z, head.bins.to(z.dtype), head.norm_eps)
+
+
+class _TokenGridDepth(torch.autograd.Function):
+    """Depth of a grid of bins heads at the token grid: logits z = X W_f^T + bias(image), then the
+    linear-normalised expectation over each head's bins, with a hand-written backward.
+
+    The formulas of :class:`_BinsExpectation` with the bins along the last axis, with few passes over the
+    (tokens, heads*bins) logits, the largest tensor of the ``fast`` v3 step (~24M values for 16 NYU views and
+    5 heads): the bias and the ReLU are applied in place on the product's output (kept for the backward:
+    z > 0 exactly where relu(z) > 0), and the backward forms dL/dz once and reduces it to
+    dL/dW_f = (dL/dz)^T X (one product) and dL/dbias = per-image sums. Nothing is modified in place in the
+    backward, so a graph kept with ``retain_graph`` can be differentiated again.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w_f: torch.Tensor, bias: torch.Tensor, bins: torch.Tensor,
+                eps: float, heads: int) -> torch.Tensor:  # noqa: D102
+        m, b, k = x.shape[0], bias.shape[0], bins.numel()
+        r = torch.mm(x, w_f.t())  # (M, heads*bins)
+        r.view(b, m // b, -1).add_(bias[:, None, :]).relu_()
+        sums = r.view(m * heads, k) @ torch.stack([torch.ones_like(bins), bins], dim=1)  # (M*heads, 2)
+        s = sums[:, :1] + eps * k
+        depth = (sums[:, 1:] + eps * bins.sum()) / s
+        ctx.save_for_backward(x, w_f, r, bins, s, depth)
+        ctx.images = b
+        return depth.view(m, heads)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):  # noqa: D102
+        x, w_f, r, bins, s, depth = ctx.saved_tensors
+        m, k = x.shape[0], bins.numel()
+        c = grad.reshape(-1, 1) / s  # (M*heads, 1)
+        # dL/dz_k = c (b_k - depth) where z_k > 0: one pass (broadcast addcmul) to write it, one to mask it
+        g = torch.addcmul(-c * depth, c, bins[None, :])
+        g.masked_fill_(r.view(-1, k) <= 0, 0.0)
+        g = g.view(m, -1)
+        dx = g @ w_f if ctx.needs_input_grad[0] else None
+        dw = g.t() @ x if ctx.needs_input_grad[1] else None
+        db = g.view(ctx.images, m // ctx.images, -1).sum(1) if ctx.needs_input_grad[2] else None
+        return dx, dw, db, None, None, None
+
+
+def depth_token_grid_train(heads: Sequence[DepthBinsHead], patch: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+    """Every head's depth at the token grid, without the x4 upsampling: the ``fast`` v3 training forward.
+
+    Equals ``head(depth_head_input(p, c))`` of a copy of each head with ``upsample=1``, for all heads at once:
+    the CLS half of each 1x1 conv is a per-image bias (W [f ; c] + b = W_f f + (W_c c + b)), and the heads'
+    patch weights are stacked so that the grid's logits are ONE (M x C) @ (C x heads*bins) product over the
+    shared token matrix (as :func:`seg_grid_train_logits` does for segmentation); bins last, so the
+    linear-normalised expectation reads contiguous rows (:class:`_TokenGridDepth`: the product and the
+    expectation of :class:`_BinsExpectation` in one function with a hand-written backward).
+
+    Args:
+        heads: bins heads with the same bins and ``norm_eps`` (one protocol's learning-rate grid).
+        patch: (C, B, h, w) features, channels first (:meth:`~harness.probes.cache.FeatureCache.stack_channels_first`).
+        cls: (B, C) global tokens.
+
+    Returns:
+        (heads, B, 1, h, w) depth in metres, one (B, 1, h, w) map per head for the depth loss.
+    """
+    c, b, h, w = patch.shape
+    first = heads[0]
+    weights = [hd.conv_depth.weight[:, :, 0, 0] for hd in heads]
+    if any(wt.shape != (first.bins.numel(), 2 * c) for wt in weights) or cls.shape != (b, c):
+        raise ValueError(f"heads take {weights[0].shape[1]} input channels and {first.bins.numel()} bins; "
+                         f"patch {tuple(patch.shape)} (C, B, h, w) and CLS {tuple(cls.shape)} (B, C) given")
+    if any(hd.norm_eps != first.norm_eps or not torch.equal(hd.bins, first.bins) for hd in heads[1:]):
+        raise ValueError("the heads of one grid must share their bins and norm_eps")
+    n = len(heads)
+    w_all = torch.cat(weights)  # (heads*bins, 2C): head j's bins are rows j*k .. (j+1)*k - 1
+    bias = torch.addmm(torch.cat([hd.conv_depth.bias for hd in heads])[None, :], cls, w_all[:, c:].t())  # (B, n*k)
+    x = patch.reshape(c, b * h * w).t()  # (M, C) tokens in (b, i, j) order, a view of the channels-first batch
+    depth = _TokenGridDepth.apply(x, w_all[:, :c], bias, first.bins.to(x.dtype), first.norm_eps, n)  # (M, n)
+    return depth.t().reshape(n, b, 1, h, w)  # small: heads*M values
 
 
 class HeadBank(nn.Module):

@@ -91,3 +91,40 @@ def depth_loss(pred: torch.Tensor, gt: torch.Tensor, iteration: int, max_depth: 
     return (sigloss_weight * sig_loss(pred, gt, max_depth, warm_up=iteration < warm_iters, eps=log_eps,
                                       mean_weight=sigloss_mean_weight)
             + gradient_weight * gradient_loss(pred, gt, max_depth, eps=log_eps, strides=gradient_strides))
+
+
+def depth_losses(preds: torch.Tensor, gt: torch.Tensor, iteration: int, max_depth: Optional[float] = None,
+                 warm_iters: int = SIGLOSS_WARM_ITERS, sigloss_weight: float = SIGLOSS_WEIGHT,
+                 sigloss_mean_weight: float = SIGLOSS_MEAN_WEIGHT, gradient_weight: float = GRADIENT_LOSS_WEIGHT,
+                 gradient_strides: Sequence[int] = GRADIENT_STRIDES, log_eps: float = LOG_EPS) -> torch.Tensor:
+    """``[depth_loss(p, gt, ...) for p in preds]`` as one (heads,) tensor: several heads against one target.
+
+    Why: a head grid's predictions at the token grid are small, so the per-head loss is dozens of tiny
+    operations each; here every operation runs once for all heads (the log error map is computed once and
+    strided for the gradient loss's scales, the target's logs and masks once). Same formulas as
+    :func:`sig_loss` and :func:`gradient_loss`, summed in another order.
+
+    Args:
+        preds: (heads, B, 1, H, W) predictions; gt: (B, 1, H, W) target, shared by the heads.
+    """
+    if preds.shape[1:] != gt.shape:
+        raise ValueError(f"predictions (heads, *target) {tuple(preds.shape)} do not match target {tuple(gt.shape)}")
+    heads = preds.shape[0]
+    dims = tuple(range(1, preds.dim()))
+    err = torch.log(preds + log_eps) - torch.log(gt + log_eps)  # (heads, B, 1, H, W)
+    m = valid_mask(gt, max_depth)
+    g = err[:, m]  # (heads, valid pixels)
+    if g.shape[1] < 2:
+        sig = preds.sum(dim=dims) * 0.0
+    elif iteration < warm_iters:
+        sig = torch.sqrt(sigloss_mean_weight * g.mean(dim=1) ** 2)
+    else:
+        sig = torch.sqrt(torch.var(g, dim=1) + sigloss_mean_weight * g.mean(dim=1) ** 2)
+    grad = preds.new_zeros(heads)
+    for s in gradient_strides:
+        mf = valid_mask(gt[..., ::s, ::s], max_depth).to(preds.dtype)
+        r = err[..., ::s, ::s] * mf
+        v = (r[..., :-2, :] - r[..., 2:, :]).abs() * (mf[..., :-2, :] * mf[..., 2:, :])
+        h = (r[..., :, :-2] - r[..., :, 2:]).abs() * (mf[..., :, :-2] * mf[..., :, 2:])
+        grad = grad + (v.sum(dim=dims) + h.sum(dim=dims)) / mf.sum().clamp(min=1)
+    return sigloss_weight * sig + gradient_weight * grad

@@ -8,6 +8,9 @@ from ..errors import ConfigError
 from .probe_settings import AdamW, AdamWGrid, ProbeCommon, check_probe_settings
 from .schema import Precision, TaskSchema, register_schema
 
+#: NYUv2 frames are 480x640 (Silberman et al., ECCV 2012); both crop boxes are given on that frame
+NYU_FRAME = (480, 640)
+
 
 @dataclass(frozen=True)
 class DepthLoss:
@@ -28,6 +31,15 @@ class DepthHead:
 
 
 @dataclass(frozen=True)
+class OneCycleMomentum:
+    """AdamW beta1 under mmcv's OneCycleMomentumUpdaterHook (used when ``schedule.momentum`` is ``onecycle``)."""
+
+    base_momentum: float             # the low point, reached at pct_start of the run
+    max_momentum: float              # start and end value
+    pct_start: float                 # fraction of the run spent going down
+
+
+@dataclass(frozen=True)
 class DepthCommon(ProbeCommon):
     depth_rescale_factor: float
     min_depth: float
@@ -39,6 +51,9 @@ class DepthCommon(ProbeCommon):
     sigloss_warmup_iters: int
     loss: DepthLoss
     head: DepthHead
+    nyu_crop_box: Tuple[int, int, int, int]    # training crop (row0, row1, col0, col1) of the 480x640 frame
+    eigen_crop_box: Tuple[int, int, int, int]  # test crop (row0, row1, col0, col1) on a 480x640 frame
+    onecycle_momentum: OneCycleMomentum
 
 
 @dataclass(frozen=True)
@@ -62,8 +77,9 @@ class DepthFast(DepthCommon):
     holdout_fraction: float
     select_metric: Literal["delta1", "delta2", "delta3", "abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog"]
     precision: Precision = "fp32"
-    #: version 2: the loss at the head's output grid against masked-mean depth; ``pixel`` = version 1
-    train_loss: Literal["pixel", "head-output"] = "pixel"
+    #: version 3: the loss at the token grid (``token``), version 2 at the head's output grid
+    #: (``head-output``), both against masked-mean depth; ``pixel`` = version 1
+    train_loss: Literal["pixel", "head-output", "token"] = "pixel"
 
 
 @register_schema("depth")
@@ -78,3 +94,12 @@ class DepthSchema(TaskSchema):
                               f"{settings['max_depth']}")
         if settings["n_bins"] < 2 or settings["upsample"] < 1 or not settings["loss"]["gradient_strides"]:
             raise ConfigError(f"{where}: n_bins >= 2, upsample >= 1 and at least one gradient stride are needed")
+        for key in ("nyu_crop_box", "eigen_crop_box"):  # boxes on the 480x640 NYU frame
+            y0, y1, x0, x1 = settings[key]
+            if not (0 <= y0 < y1 <= NYU_FRAME[0] and 0 <= x0 < x1 <= NYU_FRAME[1]):
+                raise ConfigError(f"{where}: {key} must be [row0, row1, col0, col1] with 0 <= row0 < row1 <= "
+                                  f"{NYU_FRAME[0]} and 0 <= col0 < col1 <= {NYU_FRAME[1]}; got {list(settings[key])}")
+        m = settings["onecycle_momentum"]
+        if not (0 <= m["base_momentum"] <= m["max_momentum"] < 1 and 0 < m["pct_start"] < 1):
+            raise ConfigError(f"{where}: onecycle_momentum needs 0 <= base_momentum <= max_momentum < 1 and "
+                              f"0 < pct_start < 1; got {m}")

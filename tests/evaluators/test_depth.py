@@ -194,8 +194,21 @@ def test_fast_depth_probe_beats_half_the_mean_depth_baseline(nyu, cache_dir, tmp
     assert rec.protocol == "fast-small" and rec.settings["mode"] == "fast" and rec.num_images == 6
     assert any("per image and averaged over images" in n for n in rec.notes)
     assert rec.settings["loss"]["gradient_loss"] == "spatial" and rec.settings["token_grid_train"] == [8, 10]
+    # the shipped fast protocol (v3) trains at the token grid: its targets live there too
+    assert rec.settings["train_loss"] == "token" and rec.settings["train_target_grid"] == [8, 10]
+    assert rec.protocol_version == get_protocol("depth", "fast").version == 3
     assert 0 <= rec.metrics["delta1"] <= 100 and rec.metrics["delta1"] > 90  # percent, as the papers print it
     assert os.path.isfile(rec.settings["artifacts"]["curves_png"])
+
+
+@pytest.mark.parametrize("train_loss,grid", [("head-output", [32, 40]), ("pixel", None)])
+def test_fast_depth_keeps_the_version_1_and_2_losses_selectable(nyu, cache_dir, tmp_path, train_loss, grid) -> None:
+    """A copied fast YAML with ``train_loss: head-output`` (v2) or ``pixel`` (v1) still trains that way."""
+    proto = scaled_protocol_t(tmp_path / "fast-old.yaml", "fast", "fast-old", max_iters=3, train_loss=train_loss,
+                              **{**FAST_SMALL, "eval_interval": 3, "log_interval": 1})
+    rec = EVALUATORS.get("depth")().run(config(nyu, proto, str(tmp_path / "r"), cache_dir))  # caches shared
+    assert rec.settings["train_loss"] == train_loss and rec.settings.get("train_target_grid") == grid
+    assert set(rec.metrics) == METRICS
 
 
 def test_faithful_depth_runs_and_resumes_after_a_kill(nyu, cache_dir, tmp_path) -> None:

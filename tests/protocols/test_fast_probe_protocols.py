@@ -1,5 +1,7 @@
-"""The ``fast`` probe protocols are version 2 (loss on the head's grid); faithful stays version 1; versions
-never share a record, a run key or a checkpoint; ``train_loss`` is checked with an error naming the file."""
+"""The ``fast`` probe protocols train on the token grid (linear-seg version 2, depth version 3); faithful
+linear-seg stays version 1, faithful depth is version 2 (its code constants moved into the file, same values);
+versions never share a record, a run key or a checkpoint; ``train_loss`` is checked with an error naming the
+file."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -14,14 +16,15 @@ from harness.protocols import get_protocol, load_protocol_file
 from harness.results.record import record_path, run_key
 
 
-@pytest.mark.parametrize("task,dataset,loss", [("linear-seg", "voc21", "token"), ("depth", "nyu", "head-output")])
-def test_fast_is_version_2_with_the_grid_loss_and_faithful_is_untouched(task, dataset, loss) -> None:
+@pytest.mark.parametrize("task,dataset,version,faithful_version",
+                         [("linear-seg", "voc21", 2, 1), ("depth", "nyu", 3, 2)])
+def test_fast_has_the_token_grid_loss_and_faithful_has_none(task, dataset, version, faithful_version) -> None:
     fast = get_protocol(task, "fast")
-    assert fast.version == 2 and fast.settings(dataset)["train_loss"] == loss
-    assert "Version 2" in fast.description and "Not faithful" in fast.description
-    assert "version 2" in fast.source
+    assert fast.version == version and fast.settings(dataset)["train_loss"] == "token"
+    assert f"Version {version}" in fast.description and "Not faithful" in fast.description
+    assert f"version {version}" in fast.source
     faithful = get_protocol(task, "faithful")
-    assert faithful.version == 1 and "train_loss" not in faithful.settings(dataset)
+    assert faithful.version == faithful_version and "train_loss" not in faithful.settings(dataset)
     # everything but the loss is what version 1 had (iterations, grid of learning rates, batch, selection)
     s = fast.settings(dataset)
     assert (s["max_iters"], s["batch_size"], s["holdout_fraction"], len(s["optimizer"]["lrs"])) == (4000, 16, 0.1, 5)
@@ -46,8 +49,9 @@ def test_train_loss_defaults_to_version_1_and_rejects_unknown_values(tmp_path) -
     assert DepthEvaluator()._train_loss(_run({})) == "pixel"
     assert LinearSegEvaluator()._train_loss(_run({"train_loss": "token"})) == "token"
     assert DepthEvaluator()._train_loss(_run({"train_loss": "head-output"})) == "head-output"
-    with pytest.raises(ConfigError, match=r"p\.yaml\): train_loss 'token' must be one of pixel, head-output"):
-        DepthEvaluator()._train_loss(_run({"train_loss": "token"}))
+    assert DepthEvaluator()._train_loss(_run({"train_loss": "token"})) == "token"
+    with pytest.raises(ConfigError, match=r"p\.yaml\): train_loss 'tokens' must be one of pixel, head-output, token"):
+        DepthEvaluator()._train_loss(_run({"train_loss": "tokens"}))
     with pytest.raises(ConfigError, match="must be one of pixel, token"):
         LinearSegEvaluator()._train_loss(_run({"train_loss": "tokens"}))
 
