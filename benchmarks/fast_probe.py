@@ -1,23 +1,28 @@
-"""Training step of the ``fast`` probes, version 1 (loss at full resolution) vs version 2 (loss on the head's grid).
+"""Training step of the ``fast`` probes: version 1 (loss at full resolution), version 2 (loss on the head's
+grid) and, for depth, version 3 (loss at the token grid).
 
 Same machine, same run, same cached data and the same initial heads: the shipped ``fast`` protocols' grid
 of five heads and batch 16. The cache is filled the way the evaluators fill it (fixed 512x512 views of
 generated VOC-sized images for linear-seg, 416x544 NYU views for depth, random-init backbone), then
 
-* v1 step: the shipped version-1 loss -- every head's output upsampled to the label / depth view;
-* v2 step: the shipped version-2 loss -- token-grid histograms (one GEMM for the whole head grid) /
-  the depth head's output grid against masked-mean depth;
+* v1 step: the version-1 loss -- every head's output upsampled to the label / depth view;
+* v2 step: the version-2 loss -- token-grid histograms (one GEMM for the whole head grid) /
+  the depth head's output grid (x4 the tokens) against masked-mean depth;
+* v3 step (depth): the depth heads at the token grid, one GEMM for the whole head grid, against
+  masked-mean depth pooled onto the tokens (the shipped depth ``fast`` protocol, version 3);
 
 each timed over whole trainer iterations (:class:`~harness.probes.trainer.ProbeTrainer`: batch loading
-from the memory-mapped cache, forward, backward, AdamW), v1 and v2 alternating in rounds so that both see
+from the memory-mapped cache, forward, backward, AdamW), the versions alternating in rounds so that all see
 the same load. It also times one full-resolution held-out
 evaluation (what ``eval_fn`` does every ``eval_interval``) and a ViT-B/14 forward at the 518x518
-padded crop, to set 4,000 iterations against the feature extraction of VOC train (1,464 images).
+padded crop, to set 4,000 iterations against the feature extraction of VOC train (1,464 images) and of
+NYU train (estimated by token count).
 
 Usage::
 
     python benchmarks/fast_probe.py                       # writes benchmarks/fast_probe.md
-    python benchmarks/fast_probe.py --v1-iters 2 --v2-iters 20 --skip-depth
+    python benchmarks/fast_probe.py --task depth --profile  # depth only; the linear-seg section is kept
+    python benchmarks/fast_probe.py --v1-iters 2 --v2-iters 20 --task linear-seg
 """
 from __future__ import annotations
 
@@ -181,8 +186,14 @@ def depth_bench(args: argparse.Namespace, work: str, rows: List[Dict[str, Any]],
     from harness.probes.data import depth_fixed_view_pipeline, register_transforms
     from harness.probes.extract import FixedViewSamples, fill_cache
     from harness.probes.features import dense_features, resize
-    from harness.probes.heads import DepthBinsHead, HeadBank, depth_head_input, depth_head_split_forward
-    from harness.probes.losses import depth_loss
+    from harness.probes.heads import (
+        DepthBinsHead,
+        HeadBank,
+        depth_head_input,
+        depth_head_split_forward,
+        depth_token_grid_train,
+    )
+    from harness.probes.losses import depth_loss, depth_losses
     from harness.probes.targets import derive_cache, masked_mean_pool
     from harness.protocols import get_protocol
     from harness.registry import DATASETS
@@ -195,7 +206,7 @@ def depth_bench(args: argparse.Namespace, work: str, rows: List[Dict[str, Any]],
     mat, splits = write_synthetic_nyu(os.path.join(work, "nyu_raw"), args.images, 2, seed=0)
     root = os.path.join(work, "nyu")
     prepare_nyu(mat, root, splits)
-    ds = DATASETS.get("nyu").build(root, "train", depth_fixed_view_pipeline(scale, crop))
+    ds = DATASETS.get("nyu").build(root, "train", depth_fixed_view_pipeline(scale, crop, proto["nyu_crop_box"]))
     model = build_dense_model(args.backbone, "vanilla", random_init=True).eval()
     cache = FeatureCache(os.path.join(work, "depth-cache"), {"bench": 3},
                          {"patch": "float16", "cls": "float16", "depth": "uint16"})
@@ -211,49 +222,102 @@ def depth_bench(args: argparse.Namespace, work: str, rows: List[Dict[str, Any]],
     extract_s = (time.time() - t0) / len(cache)
     grid = tuple(cache.shape(0, "patch")[1:])
     out = (grid[0] * up, grid[1] * up)
-    targets = FeatureCache(os.path.join(work, "depth-targets"), {"bench": 4}, {"depth": "float32"})
+
+    def pooled(name: str, size) -> FeatureCache:
+        tg = FeatureCache(os.path.join(work, f"depth-targets-{name}"), {"bench": name}, {"depth": "float32"})
+        return derive_cache(cache, tg, lambda i: {"depth": masked_mean_pool(
+            np.asarray(cache.get(i, "depth"), np.float64) * scale, size)}, False, "targets")
+
     t0 = time.time()
-    derive_cache(cache, targets, lambda i: {"depth": masked_mean_pool(
-        np.asarray(cache.get(i, "depth"), np.float64) * scale, out)}, False, "targets")
+    targets = pooled("output", out)
     targets_s = (time.time() - t0) / len(cache)
+    t0 = time.time()
+    tokens = pooled("token", grid)
+    tokens_s = (time.time() - t0) / len(cache)
     c = cache.shape(0, "patch")[0]
     lrs = [float(x) for x in proto["optimizer"]["lrs"]]
     torch.manual_seed(0)
     init = HeadBank([DepthBinsHead(2 * c, int(proto["n_bins"]), float(proto["min_depth"]), float(proto["max_depth"]),
-                                   up) for _ in lrs])
+                                   up, norm_eps=float(proto["head"]["norm_eps"])) for _ in lrs])
     rng = np.random.default_rng(0)
+    per_round = {"v1": args.depth_v1_iters, "v2": args.depth_v2_iters, "v3": args.depth_v3_iters}
     order = [rng.permutation(len(cache))[:BATCH].tolist()
-             for _ in range(args.depth_rounds * max(args.depth_v1_iters, args.depth_v2_iters))]
+             for _ in range(args.depth_rounds * max(per_round.values()))]
     warm = int(proto["sigloss_warmup_iters"])
+    loss_kw = dict(warm_iters=warm, **proto["loss"])
 
-    def v1_batches(offset: int):
-        def batches(start: int):
-            for idx in order[offset + start:offset + args.depth_v1_iters]:
-                x = depth_head_input(cache.stack(idx, "patch", torch.float32), cache.stack(idx, "cls", torch.float32))
-                yield x, cache.stack(idx, "depth", torch.float32)[:, None] * scale
-        return batches
+    def batches_of(version: str):
+        n = per_round[version]
 
-    def v2_batches(offset: int):
-        def batches(start: int):
-            for idx in order[offset + start:offset + args.depth_v2_iters]:
-                yield ((cache.stack(idx, "patch", torch.float32), cache.stack(idx, "cls", torch.float32)),
-                       targets.stack(idx, "depth", torch.float32)[:, None])
-        return batches
+        def make(offset: int):
+            def batches(start: int):
+                for idx in order[offset + start:offset + n]:
+                    if version == "v1":  # the full (B, 2C, h, w) input, depth at the 416x544 view
+                        x = depth_head_input(cache.stack(idx, "patch", torch.float32),
+                                             cache.stack(idx, "cls", torch.float32))
+                        yield x, cache.stack(idx, "depth", torch.float32)[:, None] * scale
+                    elif version == "v2":  # patch and CLS apart, depth pooled onto the head's output grid
+                        yield ((cache.stack(idx, "patch", torch.float32), cache.stack(idx, "cls", torch.float32)),
+                               targets.stack(idx, "depth", torch.float32)[:, None])
+                    else:  # v3: (C, B, h, w) in one pass per item, depth pooled onto the token grid
+                        yield ((cache.stack_channels_first(idx, "patch"), cache.stack(idx, "cls", torch.float32)),
+                               tokens.stack(idx, "depth", torch.float32)[:, None])
+            return batches
+        return make
 
-    v1_heads, v2_heads = copy.deepcopy(init), copy.deepcopy(init)
-    v1, v2 = interleaved(args.depth_rounds, lrs, work, proto, [
-        dict(heads=v1_heads, per_round=args.depth_v1_iters, batches=v1_batches,
-             fit=dict(loss_fn=lambda b, it, j: depth_loss(resize(v1_heads.heads[j](b[0]), tuple(b[1].shape[-2:])),
-                                                          b[1], it, warm_iters=warm))),
-        dict(heads=v2_heads, per_round=args.depth_v2_iters, batches=v2_batches,
-             fit=dict(loss_fn=lambda b, it, j: depth_loss(depth_head_split_forward(v2_heads.heads[j], *b[0]), b[1],
-                                                          it, warm_iters=warm)))])
-    rows.append(dict(task="depth", backbone=args.backbone, grid=f"{grid[0]}x{grid[1]}",
-                     label=f"{crop[0]}x{crop[1]} -> {out[0]}x{out[1]}", v1=v1, v2=v2,
-                     v1_iters=args.depth_rounds * args.depth_v1_iters,
-                     v2_iters=args.depth_rounds * args.depth_v2_iters, extract=extract_s, targets=targets_s,
-                     eval=float("nan"),
-                     max_iters=int(proto["max_iters"]), n_hold=0, n_evals=0))
+    heads = {v: copy.deepcopy(init) for v in per_round}
+    fits = {
+        "v1": dict(loss_fn=lambda b, it, j: depth_loss(resize(heads["v1"].heads[j](b[0]), tuple(b[1].shape[-2:])),
+                                                       b[1], it, **loss_kw)),
+        "v2": dict(loss_fn=lambda b, it, j: depth_loss(depth_head_split_forward(heads["v2"].heads[j], *b[0]), b[1],
+                                                       it, **loss_kw)),
+        "v3": dict(loss_fn=None, losses_fn=lambda b, it: list(depth_losses(
+            depth_token_grid_train(heads["v3"].heads, *b[0]), b[1], it, **loss_kw))),
+    }
+    secs = interleaved(args.depth_rounds, lrs, work, proto, [
+        dict(heads=heads[v], per_round=per_round[v], batches=batches_of(v), fit=fits[v]) for v in per_round])
+    row = dict(task="depth", backbone=args.backbone, grid=f"{grid[0]}x{grid[1]}",
+               label=f"{crop[0]}x{crop[1]} -> {out[0]}x{out[1]} (v2) / {grid[0]}x{grid[1]} (v3)",
+               extract=extract_s, targets=targets_s, tokens=tokens_s, max_iters=int(proto["max_iters"]))
+    for v, sec in zip(per_round, secs):
+        row[v], row[f"{v}_iters"] = sec, args.depth_rounds * per_round[v]
+    # one held-out evaluation as the fast eval_fn does it: the full heads (x4), resized to the view, 5 accumulators
+    from harness.metrics.depth import DepthAccumulator
+
+    heads["v3"].eval()
+    accs = [DepthAccumulator(float(proto["min_depth"]), float(proto["max_depth"]), eigen_crop=False) for _ in lrs]
+    t0 = time.time()
+    with torch.no_grad():
+        for s0 in range(0, len(cache), 4):
+            idx = list(range(s0, min(s0 + 4, len(cache))))
+            gt = cache.stack(idx, "depth", torch.float32) * scale
+            x = depth_head_input(cache.stack(idx, "patch", torch.float32), cache.stack(idx, "cls", torch.float32))
+            for acc, pred in zip(accs, heads["v3"](x)):
+                pred = resize(pred, tuple(gt.shape[-2:]))[:, 0]
+                for j in range(len(idx)):
+                    acc.update(pred[j], gt[j])
+    eval_s = (time.time() - t0) / len(cache)
+    n_hold = [round(float(proto["holdout_fraction"]) * n) for n in NYU_TRAIN_FRAMES]
+    n_evals = int(proto["max_iters"]) // int(proto["eval_interval"])
+    row.update(eval=eval_s, n_hold=n_hold, n_evals=n_evals)
+    if args.profile:
+        row["profile"] = {v: profile_step(heads[v], lrs, work, proto, batches_of(v)(0), fits[v])
+                          for v in ("v2", "v3")}
+    rows.append(row)
+
+
+def profile_step(heads, lrs: List[float], work: str, proto: Dict[str, Any], batches, fit: Dict[str, Any],
+                 top: int = 8) -> List[str]:
+    """torch.profiler over one trainer iteration: the ``top`` operators by self CPU time, as table rows."""
+    from torch.profiler import ProfilerActivity, profile
+
+    trainer = trainer_for(heads, lrs, 1, work, "profile", proto)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        trainer.fit(batches, **fit)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    return [f"{e.key} {e.self_cpu_time_total / 1e6:.3f} s ({100 * e.self_cpu_time_total / total:.0f} %, "
+            f"{e.count} calls)" for e in events[:top]]
 
 
 def vit_b_forward(args: argparse.Namespace) -> float:
@@ -274,48 +338,82 @@ def duration(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
+SECTION_TITLES = {"linear-seg": "## linear-seg", "depth": "## depth"}
+
+
+def replace_sections(path: str, header: List[str], sections: Dict[str, List[str]]) -> str:
+    """Write ``header`` and the task sections to ``path``; sections of tasks not run this time are kept as the
+    file had them (``--task depth`` does not erase the linear-seg measurements)."""
+    old: Dict[str, List[str]] = {}
+    if os.path.isfile(path):
+        current = None
+        with open(path) as f:
+            for line in f.read().splitlines():
+                task = next((t for t, title in SECTION_TITLES.items() if line == title), None)
+                if task is not None:
+                    current = task
+                    old[current] = []
+                if current is not None:
+                    old[current].append(line)
+    lines = list(header)
+    for task in SECTION_TITLES:
+        body = sections.get(task) or old.get(task)
+        if body:
+            while body and not body[-1].strip():
+                body = body[:-1]
+            lines += [""] + body
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backbone", default="dinov2-s14", help="backbone of the cached features (random init)")
     ap.add_argument("--images", type=int, default=16, help="generated training images per task")
+    ap.add_argument("--task", choices=("all", "linear-seg", "depth"), default="all",
+                    help="which probes to time (the other's section of --out is kept)")
     ap.add_argument("--rounds", type=int, default=3, help="linear-seg timing rounds (v1 and v2 alternate)")
     ap.add_argument("--v1-iters", type=int, default=1, help="linear-seg v1 iterations per round")
     ap.add_argument("--v2-iters", type=int, default=15, help="linear-seg v2 iterations per round")
-    ap.add_argument("--depth-rounds", type=int, default=2)
+    ap.add_argument("--depth-rounds", type=int, default=2, help="depth timing rounds (v1, v2, v3 alternate)")
     ap.add_argument("--depth-v1-iters", type=int, default=1, help="depth v1 iterations per round")
     ap.add_argument("--depth-v2-iters", type=int, default=1, help="depth v2 iterations per round")
+    ap.add_argument("--depth-v3-iters", type=int, default=10, help="depth v3 iterations per round")
+    ap.add_argument("--profile", action="store_true", help="also profile one depth v2 and v3 iteration")
     ap.add_argument("--vitb-batch", type=int, default=2)
     ap.add_argument("--vitb-reps", type=int, default=2)
-    ap.add_argument("--skip-depth", action="store_true")
+    ap.add_argument("--skip-depth", action="store_true", help="same as --task linear-seg")
     ap.add_argument("--out", default=os.path.join(HERE, "fast_probe.md"))
     args = ap.parse_args()
+    if args.skip_depth:
+        args.task = "linear-seg"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = tempfile.mkdtemp(prefix="fast_probe_")
     rows: List[Dict[str, Any]] = []
     notes: List[str] = []
     load_before = os.getloadavg()
     t_start = time.time()
-    seg_bench(args, work, rows, notes)
-    if not args.skip_depth:
+    if args.task in ("all", "linear-seg"):
+        seg_bench(args, work, rows, notes)
+    if args.task in ("all", "depth"):
         depth_bench(args, work, rows, notes)
     vitb = vit_b_forward(args)
     load_after = os.getloadavg()
     for r in rows:
-        print(f"{r['task']:10s} v1 {r['v1']:.3f} s/it  v2 {r['v2']:.4f} s/it  speed-up {r['v1'] / r['v2']:.1f}x",
-              flush=True)
-    extraction_min = vitb * VOC_TRAIN_IMAGES / 60
+        print(f"{r['task']:10s} " + "  ".join(f"{v} {r[v]:.4f} s/it ({r['v1'] / r[v]:.1f}x v1)"
+                                               for v in ("v1", "v2", "v3") if v in r), flush=True)
     device = f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()}), torch " \
              f"{torch.__version__}, {torch.get_num_threads()} threads"
-    lines = [
-        "# Fast probes: the v1 and v2 training steps",
-        "",
+    run_line = (
         f"Generated by `{' '.join(['python benchmarks/fast_probe.py'] + sys.argv[1:])}` "
-        f"({time.strftime('%Y-%m-%d %H:%M')} "
-        f"UTC), {device}; {time.time() - t_start:.0f} s in all. Load average (1/5/15 min) before: "
-        f"{load_before[0]:.2f}/{load_before[1]:.2f}/{load_before[2]:.2f}, after: "
+        f"({time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC), {device}; {time.time() - t_start:.0f} s in all. "
+        f"Load average (1/5/15 min) before: {load_before[0]:.2f}/{load_before[1]:.2f}/{load_before[2]:.2f}, after: "
         f"{load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f} -- the machine was shared, so absolute "
-        "times are inflated; v1 and v2 ran in the same process, alternating in rounds (so both saw the same "
-        "load), on the same cache and the same initial heads.",
+        "times are inflated; the versions ran in the same process, alternating in rounds (so all saw the same "
+        "load), on the same cache and the same initial heads.")
+    header = [
+        "# Fast probes: the v1, v2 and v3 training steps",
         "",
         f"Cached features: `{args.backbone}` (random init), {args.images} generated training images per task "
         f"(VOC-sized 375x500 -> fixed 512x512 view; NYU 480x640 -> 416x544 view). Step = one trainer iteration "
@@ -323,46 +421,73 @@ def main() -> None:
         "the memory-mapped cache, forward, backward, AdamW. v1: head outputs upsampled to the label / depth view "
         "(seg: per-pixel cross-entropy at 512x512; depth: prediction resized to 416x544). v2: seg loss on the "
         "token grid against per-token label histograms, the grid as one GEMM with BatchNorm folded in; depth loss "
-        "at the head's output grid against masked-mean depth, CLS half of the conv as a per-image bias.",
-        "",
-        "| task | token grid | label / target | v1 s/iter (iters) | v2 s/iter (iters) | speed-up | 4,000 iters v1 "
-        "| 4,000 iters v2 | extraction s/image | targets ms/image |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "at the head's output grid (x4 the tokens) against masked-mean depth, CLS half of the conv as a per-image "
+        "bias. v3 (depth only): the depth heads without their x4 upsampling, all five heads' logits as one GEMM "
+        "over the shared token matrix, loss at the token grid against masked-mean depth.",
     ]
+    table = ["| task | token grid | label / target | v1 s/iter (iters) | v2 s/iter (iters) | v3 s/iter (iters) "
+             "| v2 / v1 | v3 / v1 | 4,000 iters v1 | 4,000 iters v2 | 4,000 iters v3 | extraction s/image "
+             "| targets ms/image |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def table_row(r: Dict[str, Any]) -> str:
+        def cell(v: str) -> str:
+            return f"{r[v]:.4f} ({r[v + '_iters']})" if v in r else "-"
+
+        def speed(v: str) -> str:
+            return f"**{r['v1'] / r[v]:.1f}x**" if v in r else "-"
+
+        def cost(v: str) -> str:
+            return duration(r[v] * r["max_iters"]) if v in r else "-"
+
+        tg = f"{r['targets'] * 1000:.1f}" + (f" / {r['tokens'] * 1000:.1f}" if "tokens" in r else "")
+        return (f"| {r['task']} | {r['grid']} | {r['label']} | {cell('v1')} | {cell('v2')} | {cell('v3')} | "
+                f"{speed('v2')} | {speed('v3')} | {cost('v1')} | {cost('v2')} | {cost('v3')} | {r['extract']:.2f} "
+                f"| {tg} |")
+
+    sections: Dict[str, List[str]] = {}
+    vitb_line = (f"ViT-B/14 (`dinov2-b14`, random init) forward at the padded 512 crop (518x518, 37x37 tokens): "
+                 f"{vitb:.2f} s per image (batch {args.vitb_batch}, mean of {args.vitb_reps} timed batches after "
+                 f"one warm-up, same load).")
     for r in rows:
-        lines.append(
-            f"| {r['task']} | {r['grid']} | {r['label']} | {r['v1']:.3f} ({r['v1_iters']}) | {r['v2']:.4f} "
-            f"({r['v2_iters']}) | **{r['v1'] / r['v2']:.1f}x** | {duration(r['v1'] * r['max_iters'])} | "
-            f"{duration(r['v2'] * r['max_iters'])} | {r['extract']:.2f} | {r['targets'] * 1000:.1f} |")
-    seg = rows[0]
-    seg_total = seg["v2"] * seg["max_iters"] + seg["eval"] * seg["n_hold"] * seg["n_evals"]
-    lines += [
-        "",
-        f"ViT-B/14 (`dinov2-b14`, random init) forward at the padded 512 crop (518x518, 37x37 tokens): "
-        f"{vitb:.2f} s per image (batch {args.vitb_batch}, mean of {args.vitb_reps} timed batches after one "
-        f"warm-up, same load), so extracting VOC train ({VOC_TRAIN_IMAGES} fixed views) takes about "
-        f"**{extraction_min:.1f} min** (forward only; decoding, resizing and writing the cache come on top, and the "
-        f"val windows -- {VOC_VAL_IMAGES} images x 2 windows of 512 at a 512 short side -- cost twice that again).",
-        f"The 4,000 linear-seg v2 iterations cost {seg['v2'] * seg['max_iters'] / 60:.1f} min "
-        f"({seg_total / 60:.1f} min with the full-resolution held-out evaluations), against "
-        f"{seg['v1'] * seg['max_iters'] / 3600:.1f} h for v1. With a ViT-B/14 cache (768 channels instead of "
-        f"{384 if 's14' in args.backbone else 'the'} here) the v2 step's GEMM doubles; it stays "
-        f"{'below' if 2 * seg['v2'] * seg['max_iters'] < vitb * VOC_TRAIN_IMAGES else 'above'} the extraction.",
-        *notes,
-    ]
-    if len(rows) > 1:
-        d = rows[1]
-        nyu = [vitb * TOKENS_NYU / TOKENS_VOC * n for n in NYU_TRAIN_FRAMES]
-        lines.append(
-            f"Depth: the v2 step is {d['v1'] / d['v2']:.1f}x the v1 step; what remains is the bins head itself at its "
-            f"output grid (256 bins x {d['label'].split('-> ')[1]} per image, ReLU and normalisation after the x4 "
-            "upsampling), which v2 keeps: the head is the recipe's, only the loss moved. 4,000 v2 iterations "
-            f"({duration(d['v2'] * d['max_iters'])}) against a ViT-B/14 extraction of NYU train estimated from the "
-            f"518x518 forward scaled by token count ({TOKENS_NYU}/{TOKENS_VOC}): {NYU_TRAIN_FRAMES[0]} official "
-            f"frames {duration(nyu[0])}, the {NYU_TRAIN_FRAMES[1]} BTS frames {duration(nyu[1])}.")
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
+        lines = [SECTION_TITLES[r["task"]], "", run_line, "", *table, table_row(r), "", vitb_line]
+        if r["task"] == "linear-seg":
+            seg_total = r["v2"] * r["max_iters"] + r["eval"] * r["n_hold"] * r["n_evals"]
+            lines += [
+                f"Extracting VOC train ({VOC_TRAIN_IMAGES} fixed views) takes about "
+                f"**{vitb * VOC_TRAIN_IMAGES / 60:.1f} min** (forward only; decoding, resizing and writing the cache "
+                f"come on top, and the val windows -- {VOC_VAL_IMAGES} images x 2 windows of 512 at a 512 short "
+                "side -- cost twice that again).",
+                f"The 4,000 linear-seg v2 iterations cost {r['v2'] * r['max_iters'] / 60:.1f} min "
+                f"({seg_total / 60:.1f} min with the full-resolution held-out evaluations), against "
+                f"{r['v1'] * r['max_iters'] / 3600:.1f} h for v1. With a ViT-B/14 cache (768 channels instead of "
+                f"{384 if 's14' in args.backbone else 'the'} here) the v2 step's GEMM doubles; it stays "
+                f"{'below' if 2 * r['v2'] * r['max_iters'] < vitb * VOC_TRAIN_IMAGES else 'above'} the extraction.",
+                *notes]
+        else:
+            nyu = [vitb * TOKENS_NYU / TOKENS_VOC * n for n in NYU_TRAIN_FRAMES]
+            v3 = r["v3"] * r["max_iters"]
+            lines += [
+                f"Depth: v2 is {r['v1'] / r['v2']:.1f}x and v3 **{r['v1'] / r['v3']:.1f}x** the v1 step "
+                f"(target: >= 50x). 4,000 v3 iterations: **{duration(v3)}** (v2 {duration(r['v2'] * r['max_iters'])}, "
+                f"v1 {duration(r['v1'] * r['max_iters'])}), against a ViT-B/14 extraction of NYU train estimated "
+                f"from the 518x518 forward scaled by token count ({TOKENS_NYU}/{TOKENS_VOC}): "
+                f"{NYU_TRAIN_FRAMES[0]} official frames {duration(nyu[0])}, the {NYU_TRAIN_FRAMES[1]} BTS frames "
+                f"{duration(nyu[1])} -- the v3 iterations cost "
+                f"{'less' if v3 < nyu[0] else 'more'} than the smaller extraction. With a ViT-B/14 cache (768 "
+                f"channels instead of {384 if 's14' in args.backbone else 'the'} here) the v3 step's GEMMs double.",
+                f"Targets: {r['targets'] * 1000:.1f} ms per view onto the head's output grid (v2), "
+                f"{r['tokens'] * 1000:.1f} ms onto the token grid (v3), once per cached view.",
+                f"Held-out evaluation (unchanged in v3: the full heads with their x4 upsampling, resized to the "
+                f"416x544 view, {HEADS} heads): {r['eval'] * 1000:.0f} ms per view; a 4,000-iteration run evaluates "
+                f"{r['n_evals']} times, on {r['n_hold'][0]} held-out views of the official split "
+                f"({duration(r['eval'] * r['n_hold'][0] * r['n_evals'])}) or {r['n_hold'][1]} of the BTS split "
+                f"({duration(r['eval'] * r['n_hold'][1] * r['n_evals'])})."]
+            for v, ops in r.get("profile", {}).items():
+                lines += ["", f"Profile of one {v} iteration (torch.profiler, self CPU time, top operators):", ""]
+                lines += [f"- {op}" for op in ops]
+        sections[r["task"]] = lines
+    print(f"wrote {replace_sections(args.out, header, sections)}")
 
 
 if __name__ == "__main__":
