@@ -28,7 +28,8 @@ class Dist:
         if global_batch % self.world_size:
             from .errors import ConfigError
 
-            raise ConfigError(f"the protocol's {what} {global_batch} does not split over {self.world_size} torchrun "
+            whose = "" if what.startswith("--") else "the protocol's "  # a command-line option names itself
+            raise ConfigError(f"{whose}{what} {global_batch} does not split over {self.world_size} torchrun "
                               f"processes; use a number of processes that divides it")
         return global_batch // self.world_size
 
@@ -63,6 +64,40 @@ class Dist:
         t = torch.tensor([float(v) for v in values], dtype=torch.float64)
         dist.all_reduce(t)
         return (t / self.world_size).tolist()
+
+    def total(self, values: Sequence[float]) -> List[float]:
+        """The sum of each value over the ranks, in float64 (counts and metric sums of sharded evaluations)."""
+        if self.world_size <= 1:
+            return [float(v) for v in values]
+        import torch.distributed as dist
+
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def gather(self, obj: Any) -> List[Any]:
+        """Every rank's ``obj`` in rank order, on every rank (a list of one in a single process)."""
+        if self.world_size <= 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: List[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def shard(self, items: Sequence[Any]) -> List[Any]:
+        """This rank's share of a list of evaluation items: every ``world_size``-th from position ``rank``
+        (the split OVSS uses; unlike :meth:`shard_batch` any length is fine)."""
+        return list(items[self.rank::self.world_size])
+
+    def differentiable_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over the ranks, with a backward that sums the ranks' gradients (a loss over the global
+        batch computed from per-rank sums); ``t`` itself in a single process."""
+        if self.world_size <= 1:
+            return t
+        from torch.distributed.nn.functional import all_reduce
+
+        return all_reduce(t)
 
     def barrier(self) -> None:
         if self.world_size > 1:
