@@ -63,7 +63,7 @@ def sig_loss(pred: torch.Tensor, gt: torch.Tensor, max_depth: Optional[float] = 
     if rank_sum is not None:
         gd = g.double()
         stats = rank_sum(torch.stack([gd.sum(), (gd * gd).sum(), gd.new_tensor(float(g.numel()))]))
-        n = float(stats[2])
+        n = float(stats[2].detach())
         if n < 2:
             return pred.sum() * 0.0 + stats.sum() * 0.0
         mean = stats[0] / n

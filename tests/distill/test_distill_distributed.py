@@ -45,10 +45,12 @@ def _losses(out: str):
         return [float(r["value"]) for r in csv.DictReader(f) if r["name"] == "loss"]
 
 
-def _same_tensors(a: dict, b: dict) -> None:
+def _same_tensors(a: dict, b: dict, atol: float) -> None:
+    """Equal up to float rounding, as Adam sees it: an element whose gradient is nearly 0 moves by up to one
+    learning rate per step on rounding noise alone, so ``atol`` is a tenth of one step's learning rate."""
     assert set(a) == set(b)
     for k, v in a.items():
-        assert torch.allclose(v.float(), b[k].float(), rtol=1e-4, atol=1e-6), k
+        assert torch.allclose(v.float(), b[k].float(), rtol=1e-4, atol=atol), k
 
 
 @pytest.mark.slow  # one in-process run + 2 torchrun processes, 3 steps on the planted CLIP
@@ -63,7 +65,7 @@ def test_phreg_two_ranks_train_the_single_process_student(tmp_path):
     single, dist = str(tmp_path / "one.pth"), str(tmp_path / "two.pth")
     assert main(argv(single)) == 0
     _torchrun(argv(dist))
-    _same_tensors(torch.load(single, weights_only=True), torch.load(dist, weights_only=True))
+    _same_tensors(torch.load(single, weights_only=True), torch.load(dist, weights_only=True), atol=3e-5)  # lr 3e-4
     np.testing.assert_allclose(_losses(dist), _losses(single), rtol=1e-5)
     assert len(_losses(single)) == 3 and not os.path.exists(dist + ".ckpt.pt")
     import json
@@ -96,5 +98,5 @@ def test_dvt_both_stages_two_ranks_equal_one_process(tmp_path):
     np.testing.assert_allclose(_losses(os.path.join(dist + ".stage1", "stage1.pt")),
                                _losses(os.path.join(single + ".stage1", "stage1.pt")), rtol=1e-4)
     a, b = torch.load(single, weights_only=True), torch.load(dist, weights_only=True)
-    _same_tensors(a["denoiser"], b["denoiser"])
+    _same_tensors(a["denoiser"], b["denoiser"], atol=2e-6)  # stage-2 lr: 2e-4 * sqrt(2 / 256) ~ 1.8e-5
     np.testing.assert_allclose(_losses(dist), _losses(single), rtol=1e-4)
