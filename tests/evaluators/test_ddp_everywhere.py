@@ -46,11 +46,17 @@ def _single_and_torchrun(tmp_path, args, monkeypatch):
     return single, dist
 
 
-def _same_training(single, dist) -> None:
-    """Head weights (and BN running statistics) and the per-iteration training curve of the two runs agree."""
+def _same_training(single, dist, lr: float) -> None:
+    """Head weights (and BN running statistics) and the per-iteration training curve of the two runs agree.
+
+    Up to float rounding as Adam sees it: an element whose gradient is nearly 0 moves by up to one learning
+    rate per step on rounding noise alone, so elements may differ by a tenth of ``lr``; the tensors as a whole
+    agree to 1e-4 relative."""
     heads = [torch.load(r.settings["artifacts"]["head"], weights_only=True) for r in (single, dist)]
     for k, v in heads[0]["head"].items():
-        assert torch.allclose(v.float(), heads[1]["head"][k].float(), rtol=1e-4, atol=1e-5), k
+        w = heads[1]["head"][k].float()
+        assert torch.allclose(v.float(), w, rtol=1e-4, atol=0.1 * lr), k
+        assert float((v.float() - w).norm()) <= 1e-4 * float(v.float().norm()) + 1e-7, k
     curves = [np.genfromtxt(r.settings["artifacts"]["curves_csv"], delimiter=",", names=True, dtype=None,
                             encoding="utf-8") for r in (single, dist)]
     assert len(curves[0]) == len(curves[1]) and (curves[0]["kind"] == curves[1]["kind"]).all()
@@ -88,10 +94,10 @@ def test_depth_fast_two_ranks_equal_one_process(nyu, tmp_path, monkeypatch):
                             optimizer={"type": "AdamW", "lrs": [1e-2, 3e-2], "weight_decay": 0.01,
                                        "betas": [0.9, 0.999], "grad_clip": 35}, **DEPTH_SMALL)
     single, dist = _single_and_torchrun(tmp_path, _depth_args(nyu, proto), monkeypatch)
-    _same_training(single, dist)
+    _same_training(single, dist, single.settings["selected_lr"])
     assert dist.settings["selected_lr"] == single.settings["selected_lr"]
-    for nm, v in single.settings["heldout"].items():
-        assert dist.settings["heldout"][nm] == pytest.approx(v, rel=1e-4)
+    for nm, v in single.settings["heldout"].items():  # lr 0.03 amplifies rounding most: ~3e-4 relative
+        assert dist.settings["heldout"][nm] == pytest.approx(v, rel=1e-3)
     for k, v in single.metrics.items():
         assert dist.metrics[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
 
@@ -100,7 +106,7 @@ def test_depth_fast_two_ranks_equal_one_process(nyu, tmp_path, monkeypatch):
 def test_depth_faithful_two_ranks_equal_one_process(nyu, tmp_path, monkeypatch):
     proto = scaled_protocol(tmp_path / "p.yaml", "depth", "faithful", "faithful-ddp", **DEPTH_SMALL)
     single, dist = _single_and_torchrun(tmp_path, [*_depth_args(nyu, proto), "--limit", "4"], monkeypatch)
-    _same_training(single, dist)
+    _same_training(single, dist, single.settings["optimizer"]["lr"])
     assert dist.num_images == 2
     for k, v in single.metrics.items():
         assert dist.metrics[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
@@ -122,7 +128,7 @@ def test_linear_seg_faithful_two_ranks_equal_one_process(tmp_path, monkeypatch):
     args = ["run", "linear-seg", "--backbone", "test-vit-tiny", "--method", "vanilla", "--dataset", "voc21",
             "--data-root", root, "--protocol", proto, *COMMON]
     single, dist = _single_and_torchrun(tmp_path, args, monkeypatch)
-    _same_training(single, dist)
+    _same_training(single, dist, single.settings["optimizer"]["lr"])
     assert dist.num_images == 3
     for k in ("mIoU", "mAcc", "aAcc"):
         assert dist.metrics[k] == pytest.approx(single.metrics[k], abs=1e-3)
