@@ -45,7 +45,7 @@ from ..ovss.inference import ImageJob, dense_logits, shared_trunk_features
 from ..protocols import get_protocol
 from ..registry import EVALUATORS
 from ..results.record import RunRecord, write_record
-from ..runtime import progress, select_device
+from ..runtime import device_policy, progress, select_device
 from ..text.encoder import TextQueries, class_queries
 from ..text.names import check_class_count, load_name_set
 from .base import (
@@ -62,11 +62,9 @@ from .base import (
 )
 from .ovss import mmseg_pipeline, normalise
 
-#: images per loader step; their views are pooled into backbone batches of ``batch_size`` images
+#: images per loader step; their views are pooled into backbone batches of ``batch_size`` images (views count as
+#: images; the default per device kind is :func:`harness.runtime.device_policy`'s, as for the OVSS evaluator)
 IMAGES_PER_STEP = 4
-#: default images per backbone batch (views count as images): CPU like the OVSS evaluator's CPU_BATCH
-CPU_BATCH = 2
-GPU_BATCH = 32
 #: save the partial state this often, so an interrupted run resumes where it stopped
 CHECKPOINT_EVERY_S = 60.0
 #: settings every artifacts protocol must give
@@ -268,15 +266,16 @@ class ArtifactsEvaluator(Evaluator):
         views = view_plan(grid, int(settings["views"]), float(settings["shift_frac"]), float(settings["flip_prob"]),
                           int(settings["view_seed"]))
         done = 0 if cfg.force else _load_partials(jobs, n_total)
+        policy = device_policy(device)
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(items, range(done, n_total)),
                                              batch_size=IMAGES_PER_STEP, num_workers=cfg.num_workers,
-                                             collate_fn=_collate)
-        bs = cfg.batch_size or (GPU_BATCH if device.type == "cuda" else CPU_BATCH)
+                                             collate_fn=_collate, pin_memory=policy.pin_memory)
+        bs = cfg.batch_size or policy.batch_size
         bar = progress(total=n_total, desc=f"{','.join(j.model.name for j in jobs)}/{res.dataset}",
                        enabled=cfg.progress)
         bar.update(done)
         try:
-            self._loop(loader, jobs, views, settings, pear, bar, device, bs, done, n_total)
+            self._loop(loader, jobs, views, settings, pear, bar, device, bs, done, n_total, policy.non_blocking)
         finally:
             bar.close()
         notes = ["outliers_high/outliers_low: percent of patch tokens whose per-image modified z-score of the norm "
@@ -337,7 +336,7 @@ class ArtifactsEvaluator(Evaluator):
 
     # -- the pass ----------------------------------------------------------------------------------
     def _loop(self, loader, jobs: List[_Job], views: List[View], settings: Dict[str, Any], pear: Optional[_Pearson],
-              bar, device: torch.device, bs: int, done: int, n_total: int) -> None:
+              bar, device: torch.device, bs: int, done: int, n_total: int, non_blocking: bool = False) -> None:
         """Measure every image of ``loader`` for every method; saves partial state periodically and on Ctrl-C."""
         base = jobs[0].model
         features = shared_trunk_features([j.model for j in jobs], settings["precision"])
@@ -348,7 +347,8 @@ class ArtifactsEvaluator(Evaluator):
         try:
             with torch.inference_mode():
                 for batch in loader:
-                    x = torch.stack([it["image"] for it in batch]).to(device)
+                    # each (pinned) image copied as it is, stacked on the device: a host-side stack would be unpinned
+                    x = torch.stack([it["image"].to(device, non_blocking=non_blocking) for it in batch])
                     b = x.shape[0]
                     stacked = torch.cat([apply_view(x, v, patch, fill) for v in views])
                     chunks = [features(stacked[i:i + bs]) for i in range(0, stacked.shape[0], bs)]
