@@ -5,7 +5,7 @@
 #      runs under torch.cuda.set_sync_debug_mode("error"), so any host sync there fails it;
 #   2. benchmarks/ovss_throughput.py: naive per-window loop vs the harness's batches (batch 32), GFLOP/s;
 #   3. benchmarks/ovss_e2e.py --harness-only: a cold `harness run ovss` on VOC-sized images, with --profile;
-#   4. benchmarks/precision_drift.py: bf16 vs fp32 mIoU drift, relabelled pixels and times (VOC21, ADE20K).
+#   4. benchmarks/precision_drift.py: bf16 vs fp32 mIoU drift, relabelled pixels and times (VOC20, ADE20K).
 #
 # Every table names the GPU (torch.cuda.get_device_name). Results go to $OUT (default benchmarks/gpu/); copy the
 # tables into benchmarks/RESULTS.md. Each step has its own time limit, so one slow step cannot eat the others'.
@@ -43,7 +43,7 @@ step ovss_throughput 150 "$PY" benchmarks/ovss_throughput.py --images 8 --batch-
   --out "$OUT/ovss_throughput.md"
 step ovss_e2e 120 "$PY" benchmarks/ovss_e2e.py --dataset voc21 --images 16 --method naclip --device cuda \
   --harness-only --out "$OUT/ovss_e2e.md"
-step precision_drift 180 "$PY" benchmarks/precision_drift.py --datasets voc21,ade20k --images 4 --device cuda \
+step precision_drift 180 "$PY" benchmarks/precision_drift.py --datasets voc20,ade20k --images 4 --device cuda \
   --out "$OUT/precision_drift.md"
 
 for f in ovss_throughput ovss_e2e precision_drift; do
