@@ -45,7 +45,7 @@ from ..ovss.inference import ImageJob, dense_logits, shared_trunk_features
 from ..protocols import get_protocol
 from ..registry import EVALUATORS
 from ..results.record import RunRecord, write_record
-from ..runtime import Dist, init_distributed, progress, select_device
+from ..runtime import Dist, device_policy, init_distributed, progress, select_device
 from ..text.encoder import TextQueries, class_queries
 from ..text.names import check_class_count, load_name_set
 from .base import (
@@ -62,11 +62,9 @@ from .base import (
 )
 from .ovss import mmseg_pipeline, normalise
 
-#: images per loader step; their views are pooled into backbone batches of ``batch_size`` images
+#: images per loader step; their views are pooled into backbone batches of ``batch_size`` images (views count as
+#: images; the default per device kind is :func:`harness.runtime.device_policy`'s, as for the OVSS evaluator)
 IMAGES_PER_STEP = 4
-#: default images per backbone batch (views count as images): CPU like the OVSS evaluator's CPU_BATCH
-CPU_BATCH = 2
-GPU_BATCH = 32
 #: save the partial state this often, so an interrupted run resumes where it stopped
 CHECKPOINT_EVERY_S = 60.0
 #: settings every artifacts protocol must give
@@ -287,15 +285,16 @@ class ArtifactsEvaluator(Evaluator):
                           int(settings["view_seed"]))
         mine = dist.shard(range(n_total))
         done = 0 if cfg.force else _load_partials(jobs, n_total)
+        policy = device_policy(device)
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(items, mine[done:]),
                                              batch_size=IMAGES_PER_STEP, num_workers=cfg.num_workers,
-                                             collate_fn=_collate)
-        bs = cfg.batch_size or (GPU_BATCH if device.type == "cuda" else CPU_BATCH)
+                                             collate_fn=_collate, pin_memory=policy.pin_memory)
+        bs = cfg.batch_size or policy.batch_size
         bar = progress(total=len(mine), desc=f"{','.join(j.model.name for j in jobs)}/{res.dataset}",
                        enabled=cfg.progress and dist.is_main)
         bar.update(done)
         try:
-            self._loop(loader, jobs, views, settings, pear, bar, device, bs, done, n_total)
+            self._loop(loader, jobs, views, settings, pear, bar, device, bs, done, n_total, policy.non_blocking)
         finally:
             bar.close()
         for job in jobs:
@@ -360,7 +359,7 @@ class ArtifactsEvaluator(Evaluator):
 
     # -- the pass ----------------------------------------------------------------------------------
     def _loop(self, loader, jobs: List[_Job], views: List[View], settings: Dict[str, Any], pear: Optional[_Pearson],
-              bar, device: torch.device, bs: int, done: int, n_total: int) -> None:
+              bar, device: torch.device, bs: int, done: int, n_total: int, non_blocking: bool = False) -> None:
         """Measure every image of ``loader`` for every method; saves partial state periodically and on Ctrl-C."""
         base = jobs[0].model
         features = shared_trunk_features([j.model for j in jobs], settings["precision"])
@@ -371,7 +370,8 @@ class ArtifactsEvaluator(Evaluator):
         try:
             with torch.inference_mode():
                 for batch in loader:
-                    x = torch.stack([it["image"] for it in batch]).to(device)
+                    # each (pinned) image copied as it is, stacked on the device: a host-side stack would be unpinned
+                    x = torch.stack([it["image"].to(device, non_blocking=non_blocking) for it in batch])
                     b = x.shape[0]
                     stacked = torch.cat([apply_view(x, v, patch, fill) for v in views])
                     chunks = [features(stacked[i:i + bs]) for i in range(0, stacked.shape[0], bs)]
