@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     su.add_argument("--batch-size", type=int, default=0)
     su.add_argument("--results-dir", default="results")
     su.add_argument("--cache-dir", default=None)
+    su.add_argument("--on-bad-image", choices=("fail", "skip"), default="fail",
+                    help="passed to every run: stop at a corrupt or mismatched image (fail) or leave it out, list it "
+                         "in the record and mark the record partial (skip)")
     su.add_argument("--launcher", choices=("inline", "local", "slurm"), default="inline",
                     help="inline: run here, one after another (default); local: one submitit process per cell; "
                          "slurm: one Slurm job per cell (a job array); then `harness report` gathers the records")
@@ -404,6 +407,8 @@ def _suite_argv(a: argparse.Namespace, suite: dict, backbone: str, methods: List
         args += ["--limit", str(a.limit)]
     if a.cache_dir:
         args += ["--cache-dir", a.cache_dir]
+    if getattr(a, "on_bad_image", "fail") != "fail":
+        args += ["--on-bad-image", a.on_bad_image]
     args += [f for f, on in (("--random-init", a.random_init), ("--force", a.force),
                              ("--no-progress", a.no_progress), ("--download", a.download)) if on]
     return args

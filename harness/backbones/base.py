@@ -289,6 +289,40 @@ class Backbone(nn.Module):
         return i
 
 
+class EmbedOverride(Backbone):
+    """The stages of a ``base`` adapter behind a different :meth:`embed` (added tokens, another positional rule).
+
+    Blocks, norms and projection are the base's; a subclass overrides :meth:`embed` only. PH-Reg's students
+    and UniRefiner's ring-padded tower are built this way on a copy of the backbone's vision adapter.
+    """
+
+    def __init__(self, base: Backbone) -> None:
+        super().__init__()
+        self.base = base
+        self.spec = base.spec
+        self.weights_id = base.weights_id
+
+    @property
+    def num_blocks(self) -> int:
+        return self.base.num_blocks
+
+    @property
+    def width(self) -> int:
+        return self.base.width
+
+    def pre_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base.pre_norm(x)
+
+    def block(self, i: int) -> BlockParts:
+        return self.base.block(i)
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base.final_norm(x)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base.project(x)
+
+
 def check_patch_multiple(images: torch.Tensor, patch: int) -> None:
     """Raise for an input whose size is not a multiple of the patch size (timm's patch embedding would crop
     or fail; the probes centre-pad first, as DVT does)."""

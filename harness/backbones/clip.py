@@ -44,6 +44,14 @@ for _spec in (
     BACKBONES.add(_spec.id, _spec)
 
 
+class _VisionOnly(nn.Module):
+    """Stands in for an open_clip ``CLIP`` that holds only the vision tower."""
+
+    def __init__(self, visual: nn.Module) -> None:
+        super().__init__()
+        self.visual = visual
+
+
 @BACKBONE_FAMILIES.register("open_clip")
 class OpenCLIPBackbone(Backbone):
     """Adapter over ``open_clip``'s ``VisionTransformer`` (+ text tower)."""
@@ -57,6 +65,11 @@ class OpenCLIPBackbone(Backbone):
         if getattr(self.visual, "attn_pool", None) is not None or self.visual.proj is None:
             raise WeightsError(f"{spec.arch}: attention-pool or projection-free CLIP towers are not supported")
         self._tokenizer = None
+
+    def with_visual(self, visual: nn.Module) -> "OpenCLIPBackbone":
+        """An adapter of the same id and weights over another vision tower (e.g. a distilled copy); vision only,
+        the text stays with this backbone."""
+        return type(self)(self.spec, _VisionOnly(visual), self.weights_id)
 
     @classmethod
     def build(cls, spec: BackboneSpec, weights_path: Optional[str]) -> "OpenCLIPBackbone":

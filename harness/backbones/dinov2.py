@@ -20,7 +20,7 @@ from torch import nn
 from ..errors import WeightsError
 from ..registry import BACKBONE_FAMILIES, BACKBONES
 from .base import Backbone, BackboneSpec, BlockParts, TokenLayout, Tokens, check_patch_multiple
-from .weights import error_line, sha256_file
+from .weights import check_loaded_keys, error_line, sha256_file
 
 # timm.data.constants.IMAGENET_DEFAULT_MEAN / _STD: the mean/std of timm's DINOv2 pretrained cfgs
 # (``vit_*_patch14_dinov2.lvd142m``) and of the DVT/DINOv2 mmseg configs ([123.675, 116.28, 103.53] /
@@ -140,11 +140,8 @@ def _load_timm_weights(model: nn.Module, spec: BackboneSpec, path: str,
     # the classifier head is absent by design (num_classes=0); anything else missing is a wrong file
     missing = [k for k in missing if not k.startswith("head.")]
     unexpected = [k for k in unexpected if not k.startswith(("head.", "mask_token"))]
-    missing += [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta and n not in missing]
-    if missing or unexpected:
-        raise WeightsError(f"--weights {path} does not match {spec.arch} (backbone {spec.id!r}): "
-                           f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected "
-                           f"(e.g. {unexpected[:3]}). Is it the checkpoint of another model size?")
+    check_loaded_keys(model, missing, unexpected, f"--weights {path} does not match {spec.arch} (backbone {spec.id!r})",
+                      ". Is it the checkpoint of another model size?")
 
 
 @BACKBONE_FAMILIES.register("timm")

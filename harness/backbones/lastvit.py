@@ -28,7 +28,7 @@ from .base import Backbone, BackboneSpec
 from .clip import CLIP_MEAN, CLIP_STD
 from .dinov2 import IMAGENET_MEAN, IMAGENET_STD
 from .pooling import DEFAULT_K
-from .weights import sha256_file
+from .weights import check_loaded_keys, sha256_file
 
 _PAPER = "Shi, Yu, Yang, Vision Transformers Need More Than Registers (CVPR 2026, arXiv:2602.22394)"
 #: the release assets, as linked from the README of ChengShiest/LAST-ViT @ cdeb884a
@@ -96,10 +96,8 @@ def _load_strict(module: torch.nn.Module, state: Dict[str, torch.Tensor], path: 
     except RuntimeError as e:  # shape mismatch: another model size
         raise WeightsError(f"--weights {path}: its {what} does not fit {spec.arch} (backbone {spec.id!r}): "
                            f"{str(e).splitlines()[-1].strip()}") from e
-    if missing or unexpected:
-        raise WeightsError(f"--weights {path}: its {what} does not match {spec.arch} (backbone {spec.id!r}): "
-                           f"{len(missing)} missing keys (e.g. {list(missing)[:3]}), {len(unexpected)} unexpected "
-                           f"(e.g. {list(unexpected)[:3]})")
+    check_loaded_keys(module, missing, unexpected,
+                      f"--weights {path}: its {what} does not match {spec.arch} (backbone {spec.id!r})")
 
 
 @BACKBONE_FAMILIES.register("open_clip-checkpoint")

@@ -22,7 +22,7 @@ from ..errors import WeightsError
 from ..registry import BACKBONE_FAMILIES, BACKBONES
 from .base import Backbone, BackboneSpec
 from .dinov2 import IMAGENET_MEAN, IMAGENET_STD
-from .weights import sha256_file
+from .weights import check_loaded_keys, sha256_file
 
 #: torchvision model name -> the timm architecture with the same layout
 TIMM_ARCH = {"vit_b_16": "vit_base_patch16_224"}
@@ -115,11 +115,8 @@ def load_torchvision_weights(model: torch.nn.Module, spec: BackboneSpec, path: s
         raise WeightsError(f"--weights {path}: does not fit torchvision {spec.arch} (backbone {spec.id!r}): "
                            f"{str(e).splitlines()[-1].strip()}") from e
     missing = [k for k in missing if not k.startswith("head.")]
-    missing += [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta and n not in missing]
-    if missing or unexpected:
-        raise WeightsError(f"--weights {path} is not a torchvision {spec.arch} checkpoint (backbone {spec.id!r}): "
-                           f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected "
-                           f"(e.g. {list(unexpected)[:3]})")
+    check_loaded_keys(model, missing, unexpected,
+                      f"--weights {path} is not a torchvision {spec.arch} checkpoint (backbone {spec.id!r})")
 
 
 @BACKBONE_FAMILIES.register("torchvision")

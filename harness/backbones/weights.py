@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 from ..errors import WeightsError
 from .base import BackboneSpec
@@ -140,6 +140,18 @@ def download(spec: BackboneSpec) -> str:
     except Exception as e:
         raise WeightsError(f"download of weights for {spec.id!r} failed ({e}); see `harness run --help` "
                            f"for --weights FILE") from e
+
+
+def check_loaded_keys(model: Any, missing: Sequence[str], unexpected: Sequence[str], what: str,
+                      hint: str = "") -> None:
+    """After a non-strict ``load_state_dict``: raise one :class:`WeightsError` when keys were missing (parameters
+    still on the meta device count) or unexpected. ``what`` opens the message and names the file; the caller
+    has already dropped the keys its layout leaves out on purpose (e.g. a classifier head)."""
+    missing = list(missing)
+    missing += [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta and n not in missing]
+    if missing or unexpected:
+        raise WeightsError(f"{what}: {len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+                           f"(e.g. {list(unexpected)[:3]}){hint}")
 
 
 def error_line(e: BaseException, limit: int = 200) -> str:

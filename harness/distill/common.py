@@ -9,6 +9,14 @@ Files written next to ``--out FILE``:
 * ``FILE.curves.csv``   the loss per logged step (and any extra scalars), tidy
 * ``FILE.curves.png``   the same, plotted
 
+Under ``torchrun`` every rank trains on its consecutive slice of each global ``--batch-size`` batch
+(:func:`rank_slices`) and the trainable gradients are averaged with one explicit all-reduce after the backward
+(``Dist.average_gradients``, as the probe trainer does) rather than through ``DistributedDataParallel``: the
+trainers update a few unlocked tensors of frozen models (PH-Reg's student, LoRA, DVT's per-image fields), which
+DDP's wrapper would have to hold whole (and whose state-dict names it changes), the step stays the single-process
+code, and gloo on CPU works the same. Rank 0 writes checkpoints, curves and outputs; every rank resumes from the
+same checkpoint file; logged scalars are the ranks' means.
+
 A checkpoint is resumed only when its fingerprint (everything that changes the numbers: backbone, weights,
 images, settings, seed) equals the run's; otherwise training starts over, so a changed command never
 continues a different run.
@@ -32,7 +40,7 @@ from ..errors import DataError, WeightsError
 from ..io_safety import atomic_torch_save
 from ..probes.curves import Curves
 from ..probes.trainer import SimulatedKill  # the one kill test hook of every trainer (re-exported)
-from ..runtime import progress
+from ..runtime import Dist, progress
 
 
 def fingerprint(fields: Dict[str, Any]) -> str:
@@ -108,6 +116,8 @@ class DistillLoop:
     show_progress: bool = True
     desc: str = "distill"
     kill_after: Optional[int] = None  # test hook: stop like SIGKILL after this many steps in this process
+    #: the torchrun job: rank 0 writes checkpoints, curves and the result; logged scalars are rank means
+    dist: Dist = field(default_factory=Dist)
     curves: Curves = field(default_factory=Curves)
     resumed_from: int = 0
     _stop: bool = False
@@ -131,8 +141,11 @@ class DistillLoop:
         return self.resumed_from
 
     def save(self, step: int) -> None:
-        atomic_save({"fingerprint": self.fingerprint, "step": step, "rng": _rng_state(),
-                     "modules": {k: v.state_dict() for k, v in self.modules.items()},
+        """Every rank builds the state (a module may gather its ranks' parts, e.g. DVT stage 1); rank 0 writes."""
+        modules = {k: v.state_dict() for k, v in self.modules.items()}
+        if not self.dist.is_main:
+            return
+        atomic_save({"fingerprint": self.fingerprint, "step": step, "rng": _rng_state(), "modules": modules,
                      "curves": self.curves.state()}, self.ckpt_path, "distillation checkpoint")
 
     def _on_signal(self, signum: int, frame: Any) -> None:  # noqa: ARG002 - signal API
@@ -143,7 +156,7 @@ class DistillLoop:
         """Run the remaining steps; checkpoint periodically and when interrupted (Ctrl-C, SIGTERM)."""
         start = self.resume()
         old = signal.signal(signal.SIGTERM, self._on_signal) if _main_thread() else None
-        bar = progress(total=self.total_steps, desc=self.desc, enabled=self.show_progress)
+        bar = progress(total=self.total_steps, desc=self.desc, enabled=self.show_progress and self.dist.is_main)
         bar.update(start)
         done_here = 0
         step = start
@@ -151,6 +164,8 @@ class DistillLoop:
         try:
             for step in range(start, self.total_steps):
                 scalars = step_fn(step)
+                if self.dist.world_size > 1:  # every rank's scalars describe its slice: log their means
+                    scalars = dict(zip(scalars, self.dist.mean(list(scalars.values()))))
                 if step % self.log_every == 0 or step == self.total_steps - 1:
                     for name, value in scalars.items():
                         self.curves.add(step + 1, "train", "student", name, float(value))
@@ -177,11 +192,16 @@ class DistillLoop:
                 "curves_png": self.curves.plot(self.out + ".curves.png", title)}
 
     def finish(self, result: Dict[str, Any], title: str) -> Dict[str, str]:
-        """Write the result atomically, the curves beside it, and drop the checkpoint."""
+        """Write the result atomically, the curves beside it, and drop the checkpoint (rank 0; the other ranks
+        wait for it, so every rank returns with the files on disk)."""
+        if not self.dist.is_main:
+            self.dist.barrier()
+            return {"curves_csv": self.out + ".curves.csv", "curves_png": self.out + ".curves.png"}
         atomic_save(result, self.out)
         paths = self.write_curves(title)
         if os.path.isfile(self.ckpt_path):
             os.remove(self.ckpt_path)
+        self.dist.barrier()
         return paths
 
 
@@ -189,6 +209,13 @@ def _main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
+
+
+def rank_slices(batches: Iterator[List[Any]], dist: Dist) -> Iterator[List[Any]]:
+    """This rank's consecutive slice of each global batch (refused when the ranks cannot split it): with
+    per-item seeds from the global position, the ranks together compute what one process computes."""
+    for b in batches:
+        yield dist.shard_batch(b, "--batch-size")
 
 
 def cycle_batches(n: int, batch: int, seed: int, start_step: int) -> Iterator[List[int]]:

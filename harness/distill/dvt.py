@@ -53,7 +53,8 @@ from ..errors import ConfigError, DataError, WeightsError
 from ..image_folder import list_images, read_image
 from ..methods.base import DenseModel
 from ..methods.dvt import DenoiserNet, default_heads
-from .common import DistillLoop, atomic_save, cycle_batches, files_fingerprint, fingerprint
+from ..runtime import Dist
+from .common import DistillLoop, atomic_save, cycle_batches, files_fingerprint, fingerprint, rank_slices
 
 # -- stage 1 recipe: Denoising-ViT @ 82704df, main_img_denoising.py get_args() unless noted -----------------
 S1_VIEWS = 768  # --num_views
@@ -267,45 +268,87 @@ class SemanticFields(nn.Module):
         return self.mlp(enc[:, :, 0].transpose(1, 2))
 
 
+def _cpu(obj: Any) -> Any:
+    """Tensors of a (nested) state moved to the CPU: what one rank sends to another."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj
+
+
 class Stage1State:
     """What a stage-1 checkpoint holds: the shared artifact ``G`` and the current batch's ``F``, ``h`` and
-    optimiser. ``state_dict``/``load_state_dict`` rebuild the batch's modules (their size varies per batch)."""
+    optimiser. ``state_dict``/``load_state_dict`` rebuild the batch's modules (their size varies per batch).
 
-    def __init__(self, width: int, grid: int, s: Stage1Settings, device: torch.device) -> None:
+    Under torchrun every rank fits its slice of each batch's images (their ``F`` and ``h`` live on that rank,
+    initialised as the slice of the whole batch's seeded initialisation) and ``G`` is shared: the gradient of
+    the batch's loss (a mean over equally many samples per image) is the mean of the ranks' gradients for ``G``
+    and 1/world_size of the rank's own for ``F`` and ``h``, so the ranks take the single process's steps."""
+
+    def __init__(self, width: int, grid: int, s: Stage1Settings, device: torch.device,
+                 dist: Optional[Dist] = None) -> None:
         self.width, self.grid, self.s, self.device = width, grid, s, device
+        self.dist = dist or Dist()
         gen = torch.Generator().manual_seed(s.seed)
         self.artifact = nn.Parameter((torch.randn(width, grid, grid, generator=gen) * S1_ARTIFACT_INIT_STD).to(device))
         self.chunk = -1
+        self.n = 0  # images of the current batch (all ranks together)
         self.fields: Optional[SemanticFields] = None
         self.residual: Optional[BatchedMLP] = None
         self.opt: Optional[torch.optim.Optimizer] = None
+
+    def rows(self, n: int) -> Tuple[int, int]:
+        """This rank's images ``lo:hi`` of a batch of ``n`` (all of them in one process)."""
+        b = n // self.dist.world_size
+        return self.dist.rank * b, (self.dist.rank + 1) * b
 
     def start_chunk(self, chunk: int, n: int) -> None:
         """Fresh ``F``, ``h`` and optimiser for batch ``chunk`` of ``n`` images (seeded: resumable)."""
         gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.s.seed, 1, chunk]).generate_state(1)[0]))
         c = self.width
-        self.fields = SemanticFields(n, c, self.grid, self.s.levels, self.s.features, gen).to(self.device)
-        self.residual = BatchedMLP(n, (c, c // 4, c // 4, c), gen).to(self.device)  # offline_denoiser.py
+        fields = SemanticFields(n, c, self.grid, self.s.levels, self.s.features, gen)
+        residual = BatchedMLP(n, (c, c // 4, c // 4, c), gen)  # offline_denoiser.py
+        if self.dist.world_size > 1:  # keep this rank's images: every parameter is per image (first dim n)
+            lo, hi = self.rows(n)
+            with torch.no_grad():
+                for p in [*fields.parameters(), *residual.parameters()]:
+                    p.data = p.data[lo:hi].clone()
+        self.fields, self.residual = fields.to(self.device), residual.to(self.device)
         params = [self.artifact, *self.fields.parameters(), *self.residual.parameters()]
         self.opt = torch.optim.Adam(params, lr=self.s.lr, betas=S1_BETAS, eps=S1_EPS, weight_decay=self.s.weight_decay)
-        self.chunk = chunk
+        self.chunk, self.n = chunk, n
 
     def state_dict(self) -> Dict[str, Any]:
+        """Under torchrun every rank must call it (the ranks' own ``F``, ``h`` and optimiser are gathered)."""
         out: Dict[str, Any] = {"artifact": self.artifact.detach().clone(), "chunk": self.chunk}
         if self.fields is not None:
-            out.update(n=int(self.fields.grids[0].shape[0]), fields=self.fields.state_dict(),
-                       residual=self.residual.state_dict(), opt=self.opt.state_dict())
+            own = {"fields": self.fields.state_dict(), "residual": self.residual.state_dict(),
+                   "opt": self.opt.state_dict()}
+            out["n"] = self.n
+            if self.dist.world_size == 1:
+                out.update(own)
+            else:
+                out.update(world_size=self.dist.world_size, ranks=self.dist.gather(_cpu(own)))
         return out
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         with torch.no_grad():
             self.artifact.copy_(state["artifact"])
         self.chunk = int(state["chunk"])
-        if "fields" in state:
+        if "fields" in state or "ranks" in state:
+            written = int(state.get("world_size", 1))
+            if written != self.dist.world_size:
+                raise ConfigError(f"the dvt stage-1 checkpoint was written by {written} process(es), this run has "
+                                  f"{self.dist.world_size}: resume it with as many torchrun processes (the images "
+                                  f"of a batch are split between them), or delete the checkpoint to start over")
+            own = state if written == 1 else state["ranks"][self.dist.rank]
             self.start_chunk(self.chunk, int(state["n"]))
-            self.fields.load_state_dict(state["fields"])
-            self.residual.load_state_dict(state["residual"])
-            self.opt.load_state_dict(state["opt"])
+            self.fields.load_state_dict(own["fields"])
+            self.residual.load_state_dict(own["residual"])
+            self.opt.load_state_dict(own["opt"])
 
     def lr_at(self, j: int) -> float:
         """Linear warmup, then half-cosine to ``min_lr`` (dvt/utils/misc.py ``adjust_learning_rate``)."""
@@ -322,7 +365,9 @@ class Stage1State:
             group["lr"] = self.lr_at(j)
         second = j > int(s.freeze_after * s.steps)  # G frozen and h on (main_img_denoising.py)
         b, m, _ = feats.shape
-        idx = torch.randint(0, m, (b, s.samples), generator=gen).to(feats.device)
+        lo, hi = self.rows(self.n) if self.n else (0, b)
+        # the samples of the whole batch, then this rank's rows: a split batch draws what one process draws
+        idx = torch.randint(0, m, (max(self.n, b), s.samples), generator=gen)[lo:hi].to(feats.device)
         raw = feats.gather(1, idx[..., None].expand(-1, -1, c))
         xy = coords.gather(1, idx[..., None].expand(-1, -1, 2))
         # G at the view-local patch position (an embedding lookup: its CPU backward is deterministic, indexing's is not)
@@ -345,6 +390,11 @@ class Stage1State:
             out.update(residual=float(rl.detach()), sparsity=float(sp.detach()))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.dist.world_size > 1:  # G: mean over ranks; F and h: this rank's images' share of the batch mean
+            self.dist.average_gradients([self.artifact])
+            for p in [*self.fields.parameters(), *self.residual.parameters()]:
+                if p.grad is not None:
+                    p.grad /= self.dist.world_size
         self.opt.step()
         out["loss"] = float(loss.detach())
         return out
@@ -364,8 +414,13 @@ def _step_generator(seed: int, step: int) -> torch.Generator:
 
 
 def stage1(model: DenseModel, paths: Sequence[str], folder: str, s: Stage1Settings, device: torch.device,
-           show_progress: bool = True, checkpoint_every: int = 100, kill_after: Optional[int] = None) -> str:
-    """Fit stage 1 on ``paths``; write ``folder/features/*.pt`` and ``folder/stage1.pt``; return the latter."""
+           show_progress: bool = True, checkpoint_every: int = 100, kill_after: Optional[int] = None,
+           dist: Optional[Dist] = None) -> str:
+    """Fit stage 1 on ``paths``; write ``folder/features/*.pt`` and ``folder/stage1.pt``; return the latter.
+
+    Under torchrun each batch's images are shared out (each rank extracts and fits its slice; see
+    :class:`Stage1State`), so every batch must split evenly over the ranks."""
+    dist = dist or Dist()
     spec = model.spec
     p = spec.patch_size
     if s.resolution % p:
@@ -375,22 +430,31 @@ def stage1(model: DenseModel, paths: Sequence[str], folder: str, s: Stage1Settin
                           f"(got {s.views}, {s.steps}, {s.batch})")
     grid, width = s.resolution // p, model.vision.width
     chunks = [list(range(i, min(i + s.batch, len(paths)))) for i in range(0, len(paths), s.batch)]
+    dist.per_rank(s.batch, "--batch-size")
+    if len(chunks[-1]) % dist.world_size:
+        raise ConfigError(f"dvt stage 1: {len(paths)} images in batches of --batch-size {s.batch} leave a last batch "
+                          f"of {len(chunks[-1])} images, which does not split over {dist.world_size} torchrun "
+                          f"processes; use a number of images (--num-images) that is a multiple of {s.batch}")
     fp = fingerprint({"stage": 1, "backbone": spec.id, "weights": model.backbone.weights_id,
                       "images": files_fingerprint(paths), "settings": asdict(s)})
     result_path = os.path.join(folder, STAGE1_FILE)
     if os.path.isfile(result_path) and _read_ours(result_path).get("fingerprint") == fp:
         return result_path  # already done with these images and settings
-    state = Stage1State(width, grid, s, device)
+    state = Stage1State(width, grid, s, device, dist)
     loop = DistillLoop(out=result_path, total_steps=len(chunks) * s.steps, fingerprint=fp, modules={"stage1": state},
                        checkpoint_every=checkpoint_every, show_progress=show_progress, desc=f"dvt stage 1 {spec.id}",
-                       kill_after=kill_after)
+                       kill_after=kill_after, dist=dist)
     cache: Dict[str, Any] = {"chunk": None}
     feat_dir = os.path.join(folder, FEATURES_DIR)
     model.eval()
 
+    def mine(k: int) -> List[int]:  # this rank's images of batch k
+        lo, hi = state.rows(len(chunks[k]))
+        return chunks[k][lo:hi]
+
     def load_chunk(k: int) -> None:
         feats, coords = [], []
-        for i in chunks[k]:
+        for i in mine(k):
             img = load_square(paths[i], s.resolution, spec)
             views, xy = make_views(img, s.views, (grid, grid), (s.seed, 0, i))
             feats.append(view_features(model, img, views, s.extract_batch, device))
@@ -407,8 +471,8 @@ def stage1(model: DenseModel, paths: Sequence[str], folder: str, s: Stage1Settin
         scalars = state.step(j, cache["feats"], cache["coords"], _step_generator(s.seed, step))
         if j == s.steps - 1:  # the batch is fitted: write its images' features
             den = state.denoised().cpu()
-            raw = cache["feats"].reshape(len(chunks[k]), s.views + 1, grid * grid, width)[:, -1]
-            for n, i in enumerate(chunks[k]):
+            raw = cache["feats"].reshape(len(mine(k)), s.views + 1, grid * grid, width)[:, -1]
+            for n, i in enumerate(mine(k)):
                 atomic_save({"raw": raw[n].t().reshape(width, grid, grid).cpu().clone(), "denoised": den[n].clone(),
                              "image": paths[i], "index": i}, os.path.join(feat_dir, f"{i:06d}.pt"))
         return scalars
@@ -493,13 +557,20 @@ def denoiser_loss(pred: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tenso
 
 
 def stage2(folder: str, out: str, s: Stage2Settings, device: torch.device, backbone: Optional[str] = None,
-           show_progress: bool = True, checkpoint_every: int = 100, kill_after: Optional[int] = None) -> str:
-    """Train the denoiser on stage 1's pairs in ``folder``; write ``out`` (authors' format + our metadata)."""
+           show_progress: bool = True, checkpoint_every: int = 100, kill_after: Optional[int] = None,
+           dist: Optional[Dist] = None) -> str:
+    """Train the denoiser on stage 1's pairs in ``folder``; write ``out`` (authors' format + our metadata).
+
+    Under torchrun each rank trains on its slice of every global batch and the gradients are averaged: the
+    loss is a mean over equally many tokens per rank and the batches are drawn from the seed alone, so the
+    ranks together take the single process's steps (up to float rounding)."""
+    dist = dist or Dist()
     s1 = read_stage1(folder, backbone)
     meta1 = s1["harness"]
     n, width, grid = len(meta1["images"]), int(meta1["width"]), int(meta1["grid"])
     if s.steps < 1 or s.batch < 1:
         raise ConfigError(f"dvt stage 2 needs --steps and --batch-size >= 1 (got {s.steps}, {s.batch})")
+    dist.per_rank(s.batch, "--batch-size")
     fp = fingerprint({"stage": 2, "stage1": s1["fingerprint"], "settings": asdict(s)})
     if os.path.isfile(out) and (_read_ours(out).get("harness") or {}).get("fingerprint") == fp:
         return out
@@ -512,19 +583,20 @@ def stage2(folder: str, out: str, s: Stage2Settings, device: torch.device, backb
     store = PairStore(folder, n)
     loop = DistillLoop(out=out, total_steps=s.steps, fingerprint=fp, modules={"denoiser": net, "optimizer": opt},
                        checkpoint_every=checkpoint_every, show_progress=show_progress,
-                       desc=f"dvt stage 2 {meta1['backbone']}", kill_after=kill_after)
+                       desc=f"dvt stage 2 {meta1['backbone']}", kill_after=kill_after, dist=dist)
     batches: Dict[str, Iterator[List[int]]] = {}
     net.train()
 
     def step_fn(step: int) -> Dict[str, float]:
         if "it" not in batches:  # created at the first step this process runs (a resume starts mid-way)
-            batches["it"] = cycle_batches(n, s.batch, s.seed, step)
+            batches["it"] = rank_slices(cycle_batches(n, s.batch, s.seed, step), dist)
         raw, target = store.batch(next(batches["it"]), device)
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, s.base_lr, s.min_lr, s.steps, warmup)
         loss, scalars = denoiser_loss(net(raw), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        dist.average_gradients(net.parameters())  # DDP: the gradient of the global batch's mean loss
         opt.step()
         return scalars
 
@@ -567,12 +639,13 @@ def run(args: argparse.Namespace) -> int:
     """``harness distill dvt``: stage 1, stage 2 or both (``--stage``, default all)."""
     from ..models import build_dense_model
     from ..registry import BACKBONES
-    from ..runtime import select_device
+    from ..runtime import init_distributed, select_device
 
     stage = str(args.stage or "all").lower()
     if stage not in STAGES:
         raise ConfigError(f"--stage {args.stage}: dvt has stages 1 (per-image neural fields), 2 (denoiser) or all")
-    device = select_device(args.device)
+    dist = init_distributed()
+    device = select_device(args.device, dist)
     folder = stage1_dir(args.out)
     show = not args.no_progress
     kill_after = getattr(args, "kill_after", None)  # test hook
@@ -582,14 +655,17 @@ def run(args: argparse.Namespace) -> int:
         s1, _ = _settings(args, spec, len(paths))
         model = build_dense_model(args.backbone, "vanilla", weights=args.weights, random_init=args.random_init,
                                   allow_download=args.download).to(device)
-        stage1(model, paths, folder, s1, device, show, args.checkpoint_every, kill_after)
-        print(f"dvt stage 1: {len(paths)} images -> {folder}/ (shared artifact term: {folder}/{STAGE1_FILE})")
+        stage1(model, paths, folder, s1, device, show, args.checkpoint_every, kill_after, dist)
+        dist.barrier()  # every rank's feature files are written before stage 2 reads them
+        if dist.is_main:
+            print(f"dvt stage 1: {len(paths)} images -> {folder}/ (shared artifact term: {folder}/{STAGE1_FILE})")
         del model
     if stage in ("2", "all"):
         n = len(read_stage1(folder, spec.id)["harness"]["images"])
         _, s2 = _settings(args, None, n)
-        stage2(folder, args.out, s2, device, spec.id, show, args.checkpoint_every, kill_after)
-        print(f"wrote {args.out}  (use: --method dvt --method-weights {args.out})")
+        stage2(folder, args.out, s2, device, spec.id, show, args.checkpoint_every, kill_after, dist)
+        if dist.is_main:
+            print(f"wrote {args.out}  (use: --method dvt --method-weights {args.out})")
     return 0
 
 

@@ -33,6 +33,10 @@ The recipe (arXiv:2505.21501 §3 and Appendix B; github.com/0raiser0/PH-Reg @ 59
   student snapshots ``OUT-stem.epochN.ext`` are also written after epoch 1 and every 10th, as the authors save
   them (their reported DINOv2 numbers use the epoch-30 snapshot of a 100-epoch run).
 
+**torchrun**: each rank a slice of every global batch (``--batch-size`` is the global batch), the gradients
+averaged; the crops and the teacher's view draws are seeded by (step, global slot), so 2 ranks x B/2 train what
+1 rank x B trains (up to float rounding), and a non-finite loss on any rank skips the step on all of them.
+
 Output: the CLIP student in ``StudentCLIP``'s ``vit.*`` layout, the DINOv2 student in ``RegDINOv2Base``'s
 layout (``harness.methods.phreg``).
 """
@@ -56,8 +60,8 @@ from ..methods.base import DenseModel
 from ..methods.phreg import NUM_REGISTERS, PHReg, PHRegStudent, student_family
 from ..methods.tta import TTADenoiser
 from ..models import attach_method, build_dense_model
-from ..runtime import device_description, select_device
-from .common import DistillLoop, atomic_save, cycle_batches, files_fingerprint, fingerprint
+from ..runtime import device_description, init_distributed, select_device
+from .common import DistillLoop, atomic_save, cycle_batches, files_fingerprint, fingerprint, rank_slices
 
 #: per backbone family: teacher method, training resolution, batch, lr0, lr_end (module docstring)
 RECIPES: Dict[str, Dict[str, Any]] = {
@@ -113,7 +117,8 @@ class _Crops(torch.utils.data.Dataset):
 
 
 def batch_plan(n: int, batch: int, seed: int, start: int) -> Iterator[List[Tuple[int, int]]]:
-    """From step ``start`` on: each step's ``[(image index, crop seed), ...]``."""
+    """From step ``start`` on: each step's ``[(image index, crop seed), ...]`` (seeds from the global slot, so a
+    torchrun rank taking a slice of the batch draws the crops one process draws for those slots)."""
     for step, idx in enumerate(cycle_batches(n, batch, seed, start), start=start):
         yield [(i, _seed(seed, step, slot, 0)) for slot, i in enumerate(idx)]
 
@@ -204,7 +209,8 @@ def run(args: argparse.Namespace) -> int:
     """``harness distill phreg --backbone ID --images DIR --out FILE``: train, write the student, return 0."""
     if getattr(args, "stage", None) is not None:
         raise ConfigError(f"--stage {args.stage}: stages are for `harness distill dvt`; PH-Reg has one stage")
-    device = select_device(args.device)
+    dist = init_distributed()
+    device = select_device(args.device, dist)
     backbone = build_dense_model(args.backbone, "vanilla", weights=args.weights, random_init=args.random_init,
                                  allow_download=args.download).backbone.to(device)
     family = student_family(backbone)
@@ -216,6 +222,7 @@ def run(args: argparse.Namespace) -> int:
     batch = int(args.batch_size or recipe["batch_size"])
     if batch < 1:
         raise ConfigError(f"--batch-size must be >= 1 (got {batch})")
+    local = dist.per_rank(batch, "--batch-size")  # torchrun: each rank its slice of every global batch
     paths = list_images(args.images, args.num_images)
     total, per_epoch, epochs = plan_steps(len(paths), batch, args.steps, args.epochs)
     seed = int(args.seed)
@@ -236,7 +243,8 @@ def run(args: argparse.Namespace) -> int:
     loop = DistillLoop(out=args.out, total_steps=total, fingerprint=fp,
                        modules={"trainable": TrainableState(trainable), "optimizer": optimizer},
                        checkpoint_every=max(1, int(args.checkpoint_every)), show_progress=not args.no_progress,
-                       desc=f"distill phreg {backbone.spec.id}", kill_after=getattr(args, "kill_after", None))
+                       desc=f"distill phreg {backbone.spec.id}", kill_after=getattr(args, "kill_after", None),
+                       dist=dist)
     amp = device.type == "cuda"
     data = _Crops(paths, res, backbone.spec.mean, backbone.spec.std)
     stream: Dict[str, Iterator[torch.Tensor]] = {}
@@ -245,7 +253,8 @@ def run(args: argparse.Namespace) -> int:
 
     def step_fn(step: int) -> Dict[str, float]:
         if "it" not in stream:  # created at the first step this process runs (after a resume: that step)
-            loader = torch.utils.data.DataLoader(data, batch_sampler=batch_plan(len(paths), batch, seed, step),
+            plan = rank_slices(batch_plan(len(paths), batch, seed, step), dist)
+            loader = torch.utils.data.DataLoader(data, batch_sampler=plan,
                                                  num_workers=max(0, int(args.workers)), pin_memory=amp)
             stream["it"] = iter(loader)
         images = next(stream["it"]).to(device, non_blocking=True)
@@ -253,17 +262,24 @@ def run(args: argparse.Namespace) -> int:
         for group in optimizer.param_groups:
             group["lr"] = lr
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            target = teacher_targets(teacher, tta, images, [_seed(seed, step, k, 1) for k in range(len(images))])
+            first = dist.rank * local  # the global slot of this rank's first image: its view draws
+            target = teacher_targets(teacher, tta, images,
+                                     [_seed(seed, step, first + k, 1) for k in range(len(images))])
             feats = model.forward_dense(images).patch
         loss, cos_loss, mse = distill_loss(target, feats)
         optimizer.zero_grad(set_to_none=True)
-        if torch.isfinite(loss):
+        finite = bool(torch.isfinite(loss))
+        if dist.world_size > 1:  # one process skips a batch with any non-finite loss: all ranks skip it together
+            finite = dist.total([float(not finite)])[0] == 0
+        if finite:
             loss.backward()
+            # DDP: the mean of the ranks' gradients = the gradient of the global batch's mean loss
+            dist.average_gradients(trainable.values())
             optimizer.step()
         else:  # distill_main.py skips a batch whose features or loss are NaN/Inf ("Skipping batch")
             skipped.append(step)
         done = step + 1
-        if args.steps is None and done % per_epoch == 0 and done < total:
+        if args.steps is None and done % per_epoch == 0 and done < total and dist.is_main:
             epoch = done // per_epoch
             if epoch == 1 or epoch % 10 == 0:  # distill_main.py: `(epoch+1) % 10 == 0 or epoch == 0`
                 snapshots.append(atomic_save(student.authors_state_dict(), _snapshot_path(args.out, epoch)))
@@ -279,6 +295,9 @@ def run(args: argparse.Namespace) -> int:
                "snapshots": snapshots, "skipped_steps_this_process": skipped, **artifacts,
                "source": "harness distill phreg (Chen et al., Vision Transformers with Self-Distilled Registers, "
                          "NeurIPS 2025, arXiv:2505.21501)"}
+    if not dist.is_main:  # rank 0 writes the summary and reports
+        return 0
+    summary["world_size"] = dist.world_size
     with open(args.out + ".json", "w") as f:
         json.dump(summary, f, indent=1)
     print(f"distilled {backbone.spec.id} for {total} steps ({epochs} epochs of {per_epoch}); loss "

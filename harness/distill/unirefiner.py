@@ -27,6 +27,11 @@ merged at the end. AdamW, lr 1e-4 x batch / 16, weight decay 0.1 except on 1-D t
 betas (0.9, 0.98) / eps 1e-6 for ViT model names (``default_optimizer_params``), constant lr, 2 epochs, bf16
 autocast on CUDA.
 
+Under torchrun each rank trains on a slice of every global batch and the gradients are averaged, but the run is
+*not* the single process's: a step's crop boxes, strip side, detector samples and LoRA dropout are drawn from
+one stream over the rank's images (per-rank seeds), and the losses average over the masked tokens of the rank's
+images (uneven counts per rank), so a split batch is a different (equally valid) draw.
+
 Files: ``OUT`` the merged tower in the authors' Hugging Face layout (their ``model_final.pt``),
 ``OUT-stem.epochK.pt`` after each epoch as ``{"state_dict": <PEFT state dict>}`` (their ``epoch_K.pt``),
 ``OUT.json`` everything that identifies the run, plus ``OUT.curves.csv``/``.png`` and, while running,
@@ -53,11 +58,11 @@ from ..image_folder import list_images, read_image
 from ..methods.unirefiner import FILLS, RingCLIP, check_fill, pad_ring, ring_size, split_ring
 from ..methods.unirefiner_hf import LORA_ALPHA, LORA_DROPOUT, LORA_R, HFCLIPVision, lora_targets
 from ..models import build_dense_model
-from ..runtime import device_description, select_device
+from ..runtime import device_description, init_distributed, select_device
 from . import unirefiner_channels as channels
 from . import unirefiner_crops as crops
 from . import unirefiner_losses as losses
-from .common import DistillLoop, atomic_save, cycle_batches, files_fingerprint, fingerprint
+from .common import DistillLoop, atomic_save, cycle_batches, files_fingerprint, fingerprint, rank_slices
 from .phreg import TrainableState
 from .unirefiner_detectors import ADAPTIVE_THRESHOLD, AH_SIGMA, FP_GP_SIGMA, detect
 
@@ -269,7 +274,8 @@ def run(args: argparse.Namespace) -> int:
     """``harness distill unirefiner --backbone ID --images DIR --out FILE``: train, write the files, return 0."""
     if getattr(args, "stage", None) is not None:
         raise ConfigError(f"--stage {args.stage}: stages are for `harness distill dvt`; UniRefiner has one stage")
-    device = select_device(args.device)
+    dist = init_distributed()
+    device = select_device(args.device, dist)
     backbone = build_dense_model(args.backbone, "vanilla", weights=args.weights, random_init=args.random_init,
                                  allow_download=args.download).backbone.to(device)
     if not hasattr(backbone, "visual") or not hasattr(backbone.visual, "transformer"):
@@ -282,6 +288,7 @@ def run(args: argparse.Namespace) -> int:
     batch = int(args.batch_size or BATCH)
     if batch < 1:
         raise ConfigError(f"--batch-size must be >= 1 (got {batch})")
+    dist.per_rank(batch, "--batch-size")  # torchrun: each rank its slice of every global batch
     fill = check_fill(getattr(args, "fill", None) or "zero", "--fill")
     ah = parse_ah_layers(getattr(args, "ah_layers", None), backbone.num_blocks)
     uniformity = float(getattr(args, "uniformity", None) or UNIFORMITY)
@@ -339,7 +346,8 @@ def run(args: argparse.Namespace) -> int:
     loop = DistillLoop(out=args.out, total_steps=total, fingerprint=fp,
                        modules={"lora": TrainableState(trainable), "optimizer": optimizer},
                        checkpoint_every=max(1, int(args.checkpoint_every)), show_progress=not args.no_progress,
-                       desc=f"distill unirefiner {backbone.spec.id}", kill_after=getattr(args, "kill_after", None))
+                       desc=f"distill unirefiner {backbone.spec.id}", kill_after=getattr(args, "kill_after", None),
+                       dist=dist)
     amp = device.type == "cuda"
     stream: Dict[str, Iterator[torch.Tensor]] = {}
     epoch_files: List[str] = []
@@ -347,20 +355,24 @@ def run(args: argparse.Namespace) -> int:
     def step_fn(i: int) -> Dict[str, float]:
         if "it" not in stream:  # created at the first step this process runs (after a resume: that step)
             # its own generator: the loader's base-seed draw must not shift the global one (LoRA dropout)
-            loader = torch.utils.data.DataLoader(data, batch_sampler=cycle_batches(len(paths), batch, seed, i),
+            plan = rank_slices(cycle_batches(len(paths), batch, seed, i), dist)
+            loader = torch.utils.data.DataLoader(data, batch_sampler=plan,
                                                  num_workers=max(0, int(args.workers)), pin_memory=amp,
                                                  generator=torch.Generator().manual_seed(_seed(seed, 7)))
             stream["it"] = iter(loader)
         images = next(stream["it"]).to(device, non_blocking=True)
-        gen = torch.Generator().manual_seed(_seed(seed, i))
+        # the step's draws (crop boxes, strip side, detector samples) come from one stream over the rank's images;
+        # under torchrun each rank has its own stream, so the run is not the single process's (README, torchrun)
+        gen = torch.Generator().manual_seed(_seed(seed, i) if dist.world_size == 1 else _seed(seed, i, dist.rank))
         student.train()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             out = step(images, gen, i / total)
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
+        dist.average_gradients(trainable.values())  # DDP: the mean of the ranks' gradients
         optimizer.step()
         done = i + 1
-        if done % per_epoch == 0:
+        if done % per_epoch == 0 and dist.is_main:
             epoch_files.append(atomic_save({"state_dict": {k: v.detach().float().cpu().clone()
                                                           for k, v in student.state_dict().items()}},
                                            _epoch_path(args.out, done // per_epoch)))
@@ -370,7 +382,7 @@ def run(args: argparse.Namespace) -> int:
     # LoRA dropout draws from the global generator: seed it (a resume restores the checkpoint's state instead),
     # and leave the caller's generator as it was
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(_seed(seed, 5))
+        torch.manual_seed(_seed(seed, 5) if dist.world_size == 1 else _seed(seed, 5, dist.rank))  # rank's dropout
         loop.run(step_fn)
     student.eval()
     merged = {k: v.detach().float().cpu().clone() for k, v in student.merge_and_unload().state_dict().items()}
@@ -386,6 +398,9 @@ def run(args: argparse.Namespace) -> int:
                "seconds_this_process": round(time.time() - t0, 1), "device": device_description(device),
                **artifacts, "source": "harness distill unirefiner (Qiu et al., Teaching Pre-trained ViTs to "
                                       "Self-Dispose Dross via Contrastive Register, CVPR 2026, arXiv:2605.19622)"}
+    if not dist.is_main:  # rank 0 writes the summary and reports
+        return 0
+    summary["world_size"] = dist.world_size
     with open(args.out + ".json", "w") as fh:
         json.dump(summary, fh, indent=1)
     print(f"refined {backbone.spec.id} for {total} steps; loss {first.get('loss', float('nan')):.4f} -> "

@@ -45,7 +45,7 @@ from ..ovss.inference import ImageJob, dense_logits, shared_trunk_features
 from ..protocols import get_protocol
 from ..registry import EVALUATORS
 from ..results.record import RunRecord, write_record
-from ..runtime import progress, select_device
+from ..runtime import Dist, device_policy, init_distributed, progress, select_device
 from ..text.encoder import TextQueries, class_queries
 from ..text.names import check_class_count, load_name_set
 from .base import (
@@ -62,11 +62,9 @@ from .base import (
 )
 from .ovss import mmseg_pipeline, normalise
 
-#: images per loader step; their views are pooled into backbone batches of ``batch_size`` images
+#: images per loader step; their views are pooled into backbone batches of ``batch_size`` images (views count as
+#: images; the default per device kind is :func:`harness.runtime.device_policy`'s, as for the OVSS evaluator)
 IMAGES_PER_STEP = 4
-#: default images per backbone batch (views count as images): CPU like the OVSS evaluator's CPU_BATCH
-CPU_BATCH = 2
-GPU_BATCH = 32
 #: save the partial state this often, so an interrupted run resumes where it stopped
 CHECKPOINT_EVERY_S = 60.0
 #: settings every artifacts protocol must give
@@ -126,6 +124,18 @@ class ArtifactStats:
     @classmethod
     def from_state_dict(cls, st: Dict[str, Any]) -> "ArtifactStats":
         return cls(**st)
+
+    def all_reduce(self, dist: Dist) -> None:
+        """Under torchrun (images sharded over the ranks): the sums of every rank added up, the per-token cosines
+        and per-image Pearson scores of every rank joined (the percentiles need all tokens), on every rank."""
+        if dist.world_size <= 1:
+            return
+        sums = dist.total([self.images, self.tokens, self.high, self.low, self.cv_sum, self.pearson_unscored])
+        self.images, self.tokens, self.pearson_unscored = int(sums[0]), int(sums[1]), int(sums[5])
+        self.high, self.low, self.cv_sum = sums[2], sums[3], sums[4]
+        parts = dist.gather((self.cosines, self.pearson))
+        self.cosines = [c for cos, _ in parts for c in cos]
+        self.pearson = [p for _, pear in parts for p in pear]
 
 
 def view_target(per_view: Sequence[torch.Tensor], views: Sequence[View]) -> torch.Tensor:
@@ -195,10 +205,13 @@ class _Job:
     key: str
     path: str
     stats: ArtifactStats = field(default_factory=ArtifactStats)
+    #: under torchrun each rank keeps the partial state of its own share of the images
+    rank: int = 0
+    world_size: int = 1
 
     @property
     def partial(self) -> str:
-        return self.path + ".partial.pt"
+        return self.path + (".partial.pt" if self.world_size == 1 else f".partial-rank{self.rank}.pt")
 
 
 @dataclass
@@ -221,8 +234,7 @@ class ArtifactsEvaluator(Evaluator):
 
     def run_methods(self, cfg: RunConfig, methods: Sequence[str]) -> List[RunRecord]:
         """Measure several methods of one backbone in one pass; finished records are read back."""
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ConfigError("harness run artifacts runs in one process; launch it without torchrun")
+        dist = init_distributed()
         res = resolve(cfg, "artifacts", methods)
         settings = res.settings
         missing = [k for k in REQUIRED if k not in settings]
@@ -233,7 +245,7 @@ class ArtifactsEvaluator(Evaluator):
                               f"method and the authors' data code fill shifted views)")
         spec = res.spec
         spec.check(cfg.data_root, cfg.split)
-        device = select_device(cfg.device)
+        device = select_device(cfg.device, dist)
         models = build_models(cfg, res.methods, device)
         base = models[0]
         jobs: List[_Job] = []
@@ -244,18 +256,22 @@ class ArtifactsEvaluator(Evaluator):
             if done_rec is not None:
                 records[i] = done_rec
             else:
-                jobs.append(_Job(i, model, ident.key, ident.path))
+                jobs.append(_Job(i, model, ident.key, ident.path, rank=dist.rank, world_size=dist.world_size))
         if not jobs:
             return [records[i] for i in range(len(models))]
 
-        with claimed(jobs, cfg, records):
+        with claimed(jobs, cfg, records, enabled=dist.is_main):
             if jobs:
-                self._pass(cfg, res, jobs, records, base, device)
+                self._pass(cfg, res, jobs, records, base, device, dist)
         return [records[i] for i in range(len(models))]
 
     def _pass(self, cfg: RunConfig, res: Resolved, jobs: List[_Job], records: Dict[int, RunRecord], base,
-              device: torch.device) -> None:
-        """Measure every image once for every method of ``jobs``; write their records into ``records``."""
+              device: torch.device, dist: Optional[Dist] = None) -> None:
+        """Measure every image once for every method of ``jobs``; write their records into ``records``.
+
+        Under torchrun every rank measures the images ``rank, rank + world_size, ...`` (resuming from its own
+        partial state); the sums are then added up and the cosines joined, and rank 0 writes the records."""
+        dist = dist or Dist()
         settings, spec = res.settings, res.spec
         t0 = time.time()
         labelled = bool(getattr(spec, "labelled", True))
@@ -267,18 +283,22 @@ class ArtifactsEvaluator(Evaluator):
         grid = (size // patch, size // patch)
         views = view_plan(grid, int(settings["views"]), float(settings["shift_frac"]), float(settings["flip_prob"]),
                           int(settings["view_seed"]))
+        mine = dist.shard(range(n_total))
         done = 0 if cfg.force else _load_partials(jobs, n_total)
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(items, range(done, n_total)),
+        policy = device_policy(device)
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(items, mine[done:]),
                                              batch_size=IMAGES_PER_STEP, num_workers=cfg.num_workers,
-                                             collate_fn=_collate)
-        bs = cfg.batch_size or (GPU_BATCH if device.type == "cuda" else CPU_BATCH)
-        bar = progress(total=n_total, desc=f"{','.join(j.model.name for j in jobs)}/{res.dataset}",
-                       enabled=cfg.progress)
+                                             collate_fn=_collate, pin_memory=policy.pin_memory)
+        bs = cfg.batch_size or policy.batch_size
+        bar = progress(total=len(mine), desc=f"{','.join(j.model.name for j in jobs)}/{res.dataset}",
+                       enabled=cfg.progress and dist.is_main)
         bar.update(done)
         try:
-            self._loop(loader, jobs, views, settings, pear, bar, device, bs, done, n_total)
+            self._loop(loader, jobs, views, settings, pear, bar, device, bs, done, n_total, policy.non_blocking)
         finally:
             bar.close()
+        for job in jobs:
+            job.stats.all_reduce(dist)
         notes = ["outliers_high/outliers_low: percent of patch tokens whose per-image modified z-score of the norm "
                  f"is above +{settings['outlier_cutoff']} / below -{settings['outlier_cutoff']}; norm_cv: mean "
                  "per-image std/mean of the patch norms; cos_pP: cosine to the view-averaged target at the P-th "
@@ -299,11 +319,13 @@ class ArtifactsEvaluator(Evaluator):
                              text_cache_hit=pear.text.cache_hit, pearson_images=len(job.stats.pearson),
                              pearson_unscored_images=job.stats.pearson_unscored)
             rec = make_record("artifacts", res, job.model, cfg, metrics, n_total, {**settings, **extra}, notes, t0,
-                              device, skipped=skipped)
-            write_record(rec, job.path)
+                              device, skipped=skipped, world_size=dist.world_size)
+            if dist.is_main:
+                write_record(rec, job.path)
             if os.path.isfile(job.partial):
                 os.remove(job.partial)
             records[job.index] = rec
+        dist.barrier()  # the records are on disk before any rank returns
 
     # -- set-up --------------------------------------------------------------------------------------
     @staticmethod
@@ -337,7 +359,7 @@ class ArtifactsEvaluator(Evaluator):
 
     # -- the pass ----------------------------------------------------------------------------------
     def _loop(self, loader, jobs: List[_Job], views: List[View], settings: Dict[str, Any], pear: Optional[_Pearson],
-              bar, device: torch.device, bs: int, done: int, n_total: int) -> None:
+              bar, device: torch.device, bs: int, done: int, n_total: int, non_blocking: bool = False) -> None:
         """Measure every image of ``loader`` for every method; saves partial state periodically and on Ctrl-C."""
         base = jobs[0].model
         features = shared_trunk_features([j.model for j in jobs], settings["precision"])
@@ -348,7 +370,8 @@ class ArtifactsEvaluator(Evaluator):
         try:
             with torch.inference_mode():
                 for batch in loader:
-                    x = torch.stack([it["image"] for it in batch]).to(device)
+                    # each (pinned) image copied as it is, stacked on the device: a host-side stack would be unpinned
+                    x = torch.stack([it["image"].to(device, non_blocking=non_blocking) for it in batch])
                     b = x.shape[0]
                     stacked = torch.cat([apply_view(x, v, patch, fill) for v in views])
                     chunks = [features(stacked[i:i + bs]) for i in range(0, stacked.shape[0], bs)]
@@ -403,7 +426,9 @@ def _load_partials(jobs: List[_Job], n_total: int) -> int:
         if not os.path.isfile(job.partial):
             return 0
         st = torch.load(job.partial, map_location="cpu", weights_only=True)
-        if st.get("key") != job.key or st.get("num_images") != n_total:
+        # ``done`` counts images of this rank's share, which depends on the number of ranks
+        if st.get("key") != job.key or st.get("num_images") != n_total or \
+                int(st.get("world_size", 1)) != job.world_size:
             return 0
         states.append(st)
     if len({int(st["done"]) for st in states}) != 1:
@@ -417,5 +442,6 @@ def _save_partials(jobs: List[_Job], done: int, n_total: int) -> None:
     for job in jobs:
         os.makedirs(os.path.dirname(job.partial), exist_ok=True)
         tmp = job.partial + ".tmp"
-        torch.save({"key": job.key, "done": done, "num_images": n_total, "stats": job.stats.state_dict()}, tmp)
+        torch.save({"key": job.key, "done": done, "num_images": n_total, "world_size": job.world_size,
+                    "stats": job.stats.state_dict()}, tmp)
         os.replace(tmp, job.partial)

@@ -23,11 +23,11 @@ functions (``probes/data.py``, ``metrics/depth.py``, ``probes/schedules.py``).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from ..errors import ConfigError, DataError
 from ..io_safety import atomic_torch_save
@@ -52,7 +52,7 @@ from ..probes.heads import (
     depth_head_split_forward,
     depth_token_grid_train,
 )
-from ..probes.losses import depth_loss, depth_losses
+from ..probes.losses import RankSum, depth_loss, depth_losses
 from ..probes.targets import derive_cache, masked_mean_pool
 from ..probes.trainer import ProbeTrainer
 from ..registry import EVALUATORS
@@ -76,6 +76,12 @@ PERCENT_METRICS = ("delta1", "delta2", "delta3")
 def record_metrics(m: Dict[str, float]) -> Dict[str, float]:
     """Accumulator output -> record metrics (deltas as percentages)."""
     return {k: m[k] * 100.0 if k in PERCENT_METRICS else m[k] for k in RECORD_METRICS}
+
+
+def rank_sum(run: ProbeRun) -> Optional[RankSum]:
+    """Under torchrun: the differentiable sum over ranks that makes the depth loss the global batch's (SigLoss
+    and the gradient loss are not means of per-image terms, so a per-rank loss would change the numbers)."""
+    return run.dist.differentiable_sum if run.dist.world_size > 1 else None
 
 
 def mean_valid_depth(cache: FeatureCache, indices: List[int], scale: float) -> float:
@@ -105,6 +111,7 @@ class DepthEvaluator(ProbeEvaluator):
     fast_train_losses = ("pixel", "head-output", "token")
     default_eval_split = "test"
     common_keys, faithful_keys, fast_keys = COMMON_KEYS, FAITHFUL_KEYS, FAST_KEYS
+    ddp_modes = ("fast", "faithful")
 
     def _check_dataset(self, run: ProbeRun, spec: Any) -> None:
         if spec.num_classes != 0 or spec.mmseg_type != "NYUDataset":
@@ -179,7 +186,7 @@ class DepthEvaluator(ProbeEvaluator):
         warm = int(s["sigloss_warmup_iters"])
 
         def batches(start: int):
-            sampler = IterationBatches(len(train_ds), batch, start, int(s["max_iters"]), cfg.seed)
+            sampler = IterationBatches(len(train_ds), batch, start, int(s["max_iters"]), cfg.seed, run.dist)
             return DataLoader(samples, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate,
                               pin_memory=dev.type == "cuda", persistent_workers=False)
 
@@ -190,7 +197,7 @@ class DepthEvaluator(ProbeEvaluator):
         def loss_fn(inputs: Tuple[Any, torch.Tensor], it: int, j: int) -> torch.Tensor:
             feats, gt = inputs
             pred = depth_from_features(heads.heads[j], feats, tuple(gt.shape[-2:]))
-            return depth_loss(pred, gt, it, warm_iters=warm, **s["loss"])
+            return depth_loss(pred, gt, it, warm_iters=warm, rank_sum=rank_sum(run), **s["loss"])
 
         last: Dict[str, Any] = {}
 
@@ -202,10 +209,13 @@ class DepthEvaluator(ProbeEvaluator):
 
         trainer.fit(batches, loss_fn, eval_fn, int(s["eval_interval"]), prepare=prepare)
         acc = last["acc"] if last.get("it") == int(s["max_iters"]) else self._test_online(run, test_ds, head)
-        atomic_torch_save({"head": head.state_dict(), "in_channels": in_ch},
-                          run.artifact("head.pt"), "probe head")
+        if run.dist.is_main:
+            atomic_torch_save({"head": head.state_dict(), "in_channels": in_ch},
+                              run.artifact("head.pt"), "probe head")
         run.notes.append("faithful: DVT NYU linear recipe, online features with the toolbox augmentations every "
-                         "iteration; single process, global batch on one device")
+                         + ("iteration; single process, global batch on one device" if run.dist.world_size == 1 else
+                            f"iteration; global batch split over {run.dist.world_size} torchrun processes, loss of "
+                            "the global batch from all-reduced sums"))
         extra = {"train_images": len(train_ds), "feature_dim": in_ch, "artifacts": {"head": run.artifact("head.pt")}}
         return self._finish(run, trainer, acc, extra)
 
@@ -213,7 +223,8 @@ class DepthEvaluator(ProbeEvaluator):
         """Full 480x640 frames, flip averaging (DVT ``aug_test``), Eigen crop, per-image metrics."""
         s, model, dev = run.settings, run.model, run.device
         samples = FixedViewSamples(test_ds, "depth", model.spec.mean_255, model.spec.std_255)
-        loader = DataLoader(samples, batch_size=None, num_workers=run.cfg.num_workers, persistent_workers=False)
+        mine = Subset(samples, run.dist.shard(range(len(samples))))  # torchrun: every rank its share of the frames
+        loader = DataLoader(mine, batch_size=None, num_workers=run.cfg.num_workers, persistent_workers=False)
         acc = self._accumulator(run, bool(s["eigen_crop"]))
         was_training = head.training
         head.eval()
@@ -226,6 +237,7 @@ class DepthEvaluator(ProbeEvaluator):
                 img = smp["img"][None].to(dev)
                 pred = depth_flip_average(pred_fn, img) if s["flip_test"] else pred_fn(img)
                 acc.update(pred[0, 0].float().cpu(), smp["target"])
+        acc.all_reduce()  # per-image metric sums and counts of all ranks
         head.train(was_training)
         return acc
 
@@ -260,7 +272,7 @@ class DepthEvaluator(ProbeEvaluator):
                                   {"patch": "float16", "cls": "float16", "depth": "uint16"})
         fill_cache(tr_cache, FixedViewSamples(train_ds, "depth", mean, std, pad_to=crop), featurize,
                    lambda smp: {"depth": to_mm(smp["target"])}, bs, cfg.num_workers, cfg.progress,
-                   f"cache {run.dataset}/{train_split}")
+                   f"cache {run.dataset}/{train_split}", dist=run.dist)
         test_ds = run.build(spec, run.eval_split, depth_test_pipeline(scale))
         tview = "full+flip" if s["flip_test"] else "full"
         te_names = {"patch": "float16", "cls": "float16", "depth": "uint16"}
@@ -269,7 +281,7 @@ class DepthEvaluator(ProbeEvaluator):
         te_cache = run.open_cache(run.eval_split, tview, test_ds, {"depth_rescale_factor": scale}, te_names)
         fill_cache(te_cache, FixedViewSamples(test_ds, "depth", mean, std),
                    featurize_flip if s["flip_test"] else featurize, lambda smp: {"depth": to_mm(smp["target"])},
-                   bs, cfg.num_workers, cfg.progress, f"cache {run.dataset}/{run.eval_split}")
+                   bs, cfg.num_workers, cfg.progress, f"cache {run.dataset}/{run.eval_split}", dist=run.dist)
 
         n = len(tr_cache)
         n_hold = int(round(float(s["holdout_fraction"]) * n))
@@ -299,7 +311,7 @@ class DepthEvaluator(ProbeEvaluator):
         def batches(start: int):
             sampler = IterationBatches(len(fit_idx), batch, start, int(s["max_iters"]), cfg.seed)
             for items in sampler:
-                idx = [fit_idx[k] for (_, _, k) in items]
+                idx = [fit_idx[k] for (_, _, k) in run.dist.shard_batch(items)]  # this rank's slice
                 if train_loss == "token":  # v3: (C, B, h, w) in one pass per item, depth already on the token grid
                     yield ((tr_cache.stack_channels_first(idx, "patch").to(dev),
                             tr_cache.stack(idx, "cls", torch.float32).to(dev)),
@@ -315,27 +327,34 @@ class DepthEvaluator(ProbeEvaluator):
             x, gt = b
             if tg_cache is not None:
                 return depth_loss(depth_head_split_forward(heads.heads[j], *x), gt, it, warm_iters=warm,
-                                  **s["loss"])
-            return depth_loss(resize(heads.heads[j](x), tuple(gt.shape[-2:])), gt, it, warm_iters=warm, **s["loss"])
+                                  rank_sum=rank_sum(run), **s["loss"])
+            return depth_loss(resize(heads.heads[j](x), tuple(gt.shape[-2:])), gt, it, warm_iters=warm,
+                              rank_sum=rank_sum(run), **s["loss"])
 
         def token_losses(b: Tuple[Any, torch.Tensor], it: int) -> List[torch.Tensor]:
             (patch, cls), gt = b
-            return list(depth_losses(depth_token_grid_train(heads.heads, patch, cls), gt, it, warm_iters=warm,
-                                     **s["loss"]))
+            preds = depth_token_grid_train(heads.heads, patch, cls)
+            ranks = rank_sum(run)
+            if ranks is not None:  # under torchrun each head's loss is the global batch's (from rank sums)
+                return [depth_loss(p, gt, it, warm_iters=warm, rank_sum=ranks, **s["loss"]) for p in preds]
+            return list(depth_losses(preds, gt, it, warm_iters=warm, **s["loss"]))
 
         metric = str(s["select_metric"])
         last: Dict[str, Any] = {}
 
         def eval_fn(it: int) -> Dict[str, Dict[str, float]]:
             accs = [self._accumulator(run, eigen=False) for _ in heads.heads]  # train views are already cropped
+            mine = run.dist.shard(hold_idx)  # torchrun: every rank its share of the held-out views
             with torch.no_grad():
-                for k in range(0, len(hold_idx), bs):
-                    idx = hold_idx[k:k + bs]
+                for k in range(0, len(mine), bs):
+                    idx = mine[k:k + bs]
                     gt = tr_cache.stack(idx, "depth", torch.float32) * scale
                     for acc, pred in zip(accs, heads(load(tr_cache, idx))):
                         pred = resize(pred, tuple(gt.shape[-2:]))[:, 0].cpu()
                         for j in range(len(idx)):
                             acc.update(pred[j], gt[j])
+            for acc in accs:
+                acc.all_reduce()
             out = {nm: {metric: a.compute()[metric]} for nm, a in zip(names, accs)}
             last.update(it=it, scores=out)
             return out
@@ -352,7 +371,7 @@ class DepthEvaluator(ProbeEvaluator):
         mean_depth = mean_valid_depth(tr_cache, fit_idx, scale)
         base = self._accumulator(run, bool(s["eigen_crop"]))
         with torch.no_grad():
-            for i in range(len(te_cache)):
+            for i in run.dist.shard(range(len(te_cache))):
                 gt = torch.from_numpy(np.asarray(te_cache.get(i, "depth"), dtype=np.float32)) * scale
                 size = tuple(gt.shape)
                 pred = resize(head(load(te_cache, [i])), size)
@@ -360,8 +379,11 @@ class DepthEvaluator(ProbeEvaluator):
                     pred = (pred + resize(head(load(te_cache, [i], "_flip")), size).flip(-1)) / 2
                 acc.update(pred[0, 0].cpu(), gt)
                 base.update(torch.full(size, mean_depth), gt)
-        atomic_torch_save({"head": head.state_dict(), "in_channels": in_ch, "lr": lrs[best]},
-                          run.artifact("head.pt"), "probe head")
+        acc.all_reduce()
+        base.all_reduce()
+        if run.dist.is_main:
+            atomic_torch_save({"head": head.state_dict(), "in_channels": in_ch, "lr": lrs[best]},
+                              run.artifact("head.pt"), "probe head")
         bm = base.compute()
         extra = {"selected_lr": lrs[best], "heldout": {nm: final[nm][metric] for nm in names},
                  "heldout_images": n_hold, "fit_images": n - n_hold, "feature_dim": in_ch,

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from ..errors import ConfigError, DataError
 from ..io_safety import atomic_torch_save
@@ -75,7 +75,7 @@ class LinearSegEvaluator(ProbeEvaluator):
     #: pixel: v1, logits bilinearly upsampled to the label, per-pixel cross-entropy; token: v2, cross-entropy
     #: of the token-grid logits against per-token label histograms
     fast_train_losses = ("pixel", "token")
-    ddp_modes = ("fast",)
+    ddp_modes = ("fast", "faithful")
 
     def _check_dataset(self, run: ProbeRun, spec: Any) -> None:
         if spec.num_classes < 1 or spec.num_classes >= IGNORE_INDEX:
@@ -138,7 +138,7 @@ class LinearSegEvaluator(ProbeEvaluator):
         batch = int(s["batch_size"])
 
         def batches(start: int):
-            sampler = IterationBatches(len(train_ds), batch, start, int(s["max_iters"]), cfg.seed)
+            sampler = IterationBatches(len(train_ds), batch, start, int(s["max_iters"]), cfg.seed, run.dist)
             return DataLoader(samples, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate,
                               pin_memory=dev.type == "cuda", persistent_workers=False)
 
@@ -158,15 +158,18 @@ class LinearSegEvaluator(ProbeEvaluator):
 
         trainer.fit(batches, loss_fn, eval_fn, int(s["eval_interval"]), prepare=prepare)
         acc = last["acc"] if last.get("it") == int(s["max_iters"]) else self._slide_eval(run, spec, val_ds, head)
-        atomic_torch_save({"head": head.state_dict(), "in_channels": feat_dim, "num_classes": spec.num_classes},
-                          run.artifact("head.pt"), "probe head")
+        if run.dist.is_main:
+            atomic_torch_save({"head": head.state_dict(), "in_channels": feat_dim, "num_classes": spec.num_classes},
+                              run.artifact("head.pt"), "probe head")
         artifacts = {**self._write_curves(run, trainer), "head": run.artifact("head.pt")}
         grid = padded_grid(crop, model.spec.patch_size)
         extra = {"train_images": len(train_ds), "token_grid_train": list(grid), "feature_dim": feat_dim,
                  "resumed_from_iter": trainer.resumed_from, "artifacts": artifacts,
                  "inference_batch": run.inference_batch(16, 4)}
         run.notes.append("faithful: DINOv2/DVT lin. recipe, online features with mmseg augmentation every iteration; "
-                         "single process, BatchNorm over the whole global batch (= SyncBN over 8x2)")
+                         + ("single process" if run.dist.world_size == 1 else
+                            f"global batch split over {run.dist.world_size} torchrun processes")
+                         + ", BatchNorm over the whole global batch (= SyncBN over 8x2)")
         return self._record(run, spec, acc, len(val_ds), extra)
 
     def _slide_eval(self, run: ProbeRun, spec: Any, val_ds: Any, head: LinearSegHead) -> IoUAccumulator:
@@ -175,7 +178,8 @@ class LinearSegEvaluator(ProbeEvaluator):
         crop = (int(s["slide_crop"][0]), int(s["slide_crop"][1]))
         stride = (int(s["slide_stride"][0]), int(s["slide_stride"][1]))
         samples = FixedViewSamples(val_ds, "seg", model.spec.mean_255, model.spec.std_255)
-        loader = DataLoader(samples, batch_size=None, num_workers=run.cfg.num_workers, persistent_workers=False)
+        mine = Subset(samples, run.dist.shard(range(len(samples))))  # torchrun: every rank its share of the images
+        loader = DataLoader(mine, batch_size=None, num_workers=run.cfg.num_workers, persistent_workers=False)
         acc = IoUAccumulator(spec.num_classes, IGNORE_INDEX)
         bs = run.inference_batch(16, 4)
         was_training = head.training
@@ -193,6 +197,7 @@ class LinearSegEvaluator(ProbeEvaluator):
                 logits = slide_logits(logits_fn, img, spec.num_classes, crop, stride, bs)
                 pred = resize(logits, tuple(label.shape)).argmax(1)[0]
                 acc.update(pred.cpu(), label)
+        acc.all_reduce()  # the areas of all ranks (a no-op in one process)
         head.train(was_training)
         return acc
 

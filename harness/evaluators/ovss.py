@@ -21,7 +21,7 @@ from ..ovss.inference import ImageJob, dense_logits, postprocess, shared_trunk_f
 from ..profiling import OFF, StageTimer
 from ..registry import EVALUATORS
 from ..results.record import RunRecord, write_record
-from ..runtime import init_distributed, progress, select_device
+from ..runtime import DevicePolicy, device_policy, init_distributed, progress, select_device
 from ..text.encoder import class_queries
 from ..text.names import check_class_count, load_name_set
 from .base import (
@@ -36,11 +36,9 @@ from .base import (
     skipped_samples,
 )
 
-#: images per loader batch; all their windows are pooled into backbone batches of ``batch_size``
+#: images per loader batch; all their windows are pooled into backbone batches of ``batch_size`` (the default
+#: per device kind is :func:`harness.runtime.device_policy`'s)
 IMAGES_PER_STEP = 4
-#: default windows per backbone batch on CPU: larger batches were slower on the 2-core machine
-#: (benchmarks/RESULTS.md: batch 8 0.29 img/s, batch 2 0.36 img/s, batch 1 0.35 img/s)
-CPU_BATCH = 2
 #: save a partial accumulator this often, so an interrupted run resumes where it stopped
 CHECKPOINT_EVERY_S = 60.0
 
@@ -55,13 +53,32 @@ def mmseg_pipeline(settings: Dict[str, Any]) -> List[dict]:
 
 
 def _collate(batch: List[dict]) -> List[dict]:
+    """The samples as they come, each with two host tensors the loader can pin (``pin_memory``): ``img_rgb``, the
+    resized image as (H, W, 3) uint8 RGB (a quarter of the bytes of a float image), and ``gt``, the label map as
+    int64. Normalising happens on the device (:func:`to_model_input`)."""
+    for item in batch:
+        item["img_rgb"] = host_image(item["img"])
+        item["gt"] = torch.from_numpy(np.asarray(item["gt_seg_map"]).astype(np.int64))
     return batch
+
+
+def host_image(img_bgr: np.ndarray) -> torch.Tensor:
+    """HWC BGR uint8 (cv2, as mmseg loads it) -> HWC RGB uint8 tensor on the host."""
+    return torch.from_numpy(np.ascontiguousarray(img_bgr[..., ::-1]))
+
+
+def to_model_input(img_rgb: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, device: torch.device,
+                   non_blocking: bool = False) -> torch.Tensor:
+    """HWC RGB uint8 -> CHW float on ``device``, (x - mean) / std on the 0-255 scale (mmseg SegDataPreProcessor).
+
+    ``non_blocking`` queues the copy (a pinned source makes it truly asynchronous) instead of waiting for it."""
+    t = img_rgb.to(device, non_blocking=non_blocking).permute(2, 0, 1).float()
+    return (t - mean) / std
 
 
 def normalise(img_bgr: np.ndarray, mean: torch.Tensor, std: torch.Tensor, device: torch.device) -> torch.Tensor:
     """HWC BGR uint8 -> CHW RGB float, (x - mean) / std on the 0-255 scale (mmseg SegDataPreProcessor)."""
-    t = torch.from_numpy(np.ascontiguousarray(img_bgr[..., ::-1])).to(device).permute(2, 0, 1).float()
-    return (t - mean) / std
+    return to_model_input(host_image(img_bgr), mean, std, device)
 
 
 @EVALUATORS.register("ovss")
@@ -82,8 +99,9 @@ class OVSSEvaluator(Evaluator):
             dist = init_distributed()
             spec, dataset_name, settings = res.spec, res.dataset, res.settings
             device = select_device(cfg.device, dist)
-        if timer.enabled and device.type == "cuda":  # charge queued GPU work to the stage that launched it
-            timer.sync = torch.cuda.synchronize
+            policy = device_policy(device)
+        if timer.enabled and policy.profiler_sync is not None:  # charge queued GPU work to the stage that launched it
+            timer.sync = policy.profiler_sync
         with timer.stage("text"):
             names = load_name_set(settings["name_set"], spec.key)
             check_class_count(names, spec.num_classes, f"name set {settings['name_set']!r} for {dataset_name}")
@@ -106,22 +124,24 @@ class OVSSEvaluator(Evaluator):
                     records[i] = done_rec
                 else:
                     jobs.append(_MethodRun(i, model, model.name, ident.key, ident.path,
-                                           IoUAccumulator(spec.num_classes)))
+                                           IoUAccumulator(spec.num_classes, device=device)))
         if not jobs:
             return [records[i] for i in range(len(models))]
         with contextlib.ExitStack() as held:
             with timer.stage("records"):  # a second run of the same records waits, then reads them back
                 held.enter_context(claimed(jobs, cfg, records, enabled=dist.is_main))
             if jobs:
-                self._pass(cfg, res, jobs, records, names, dist, device, base, timer)
+                self._pass(cfg, res, jobs, records, names, dist, device, base, timer, policy)
         return [records[i] for i in range(len(models))]
 
     def _pass(self, cfg: RunConfig, res: Any, jobs: List["_MethodRun"], records: Dict[int, RunRecord],
-              names: Any, dist: Any, device: torch.device, base: Any, timer: StageTimer = OFF) -> None:
+              names: Any, dist: Any, device: torch.device, base: Any, timer: StageTimer = OFF,
+              policy: Optional[DevicePolicy] = None) -> None:
         """Segment the split once for every method of ``jobs``; write their records into ``records``.
 
         ``base`` is the pass's first model (its text tower encodes the class queries for every method)."""
         spec, dataset_name, settings = res.spec, res.dataset, res.settings
+        policy = policy or device_policy(device)
         t0 = time.time()
         # every sample's files are screened here: a bad image or label map fails now (or is skipped), not in an hour
         with timer.stage("dataset screening"):
@@ -138,14 +158,15 @@ class OVSSEvaluator(Evaluator):
             done = 0 if cfg.force else _load_partials(jobs, dist.rank, dist.world_size, n_total, skipped)
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, indices[done:]),
                                              batch_size=IMAGES_PER_STEP, num_workers=cfg.num_workers,
-                                             collate_fn=_collate, persistent_workers=False)
-        bs = cfg.batch_size or (32 if device.type == "cuda" else CPU_BATCH)
+                                             collate_fn=_collate, persistent_workers=False,
+                                             pin_memory=policy.pin_memory)
+        bs = cfg.batch_size or policy.batch_size
         label = ",".join(j.method for j in jobs)
         bar = progress(total=len(indices), desc=f"{label}/{dataset_name}", enabled=cfg.progress and dist.is_main)
         bar.update(done)
         try:
             self._loop(loader, jobs, text, settings, spec, bar, device, bs, dist.rank, done, cfg.save_predictions,
-                       dist.world_size, n_total, skipped, timer)
+                       dist.world_size, n_total, skipped, timer, policy.non_blocking)
         finally:
             bar.close()
         with timer.stage("records"):
@@ -178,8 +199,15 @@ class OVSSEvaluator(Evaluator):
 
     def _loop(self, loader, jobs: List["_MethodRun"], text, settings, spec, bar, device, bs: int, rank: int,
               done: int, save_dir: Optional[str] = None, world_size: int = 1, n_total: int = 0,
-              skipped: Sequence[Dict[str, str]] = (), timer: StageTimer = OFF) -> None:
-        """Segment every image of ``loader`` for every method; saves partial state periodically and on Ctrl-C."""
+              skipped: Sequence[Dict[str, str]] = (), timer: StageTimer = OFF, non_blocking: bool = False) -> None:
+        """Segment every image of ``loader`` for every method; saves partial state periodically and on Ctrl-C.
+
+        Nothing in the per-window or per-image path reads a device value back to the host (on a GPU the host
+        queues work and never waits for it): images and label maps are copied to the device (``non_blocking``),
+        logits, PAMR, post-processing and the IoU areas stay there. The host waits only where it must have
+        numbers: the partial state saved every :data:`CHECKPOINT_EVERY_S` seconds, the records at the end
+        (one copy of the areas per method), ``--save-predictions`` (one copy per image and method, to write
+        the PNG) and ``--profile`` (each stage waits for its kernels)."""
         base = jobs[0].model
         mean = torch.tensor(base.spec.mean_255, device=device).view(3, 1, 1)
         std = torch.tensor(base.spec.std_255, device=device).view(3, 1, 1)
@@ -194,17 +222,16 @@ class OVSSEvaluator(Evaluator):
                         batch = next(batches, None)
                         if batch is None:
                             break
-                        images = []
+                        images, gts = [], []
                         for item in batch:
-                            gt = item["gt_seg_map"]
                             check_sample_shapes(item["img_path"], item["seg_map_path"], item["ori_shape"][:2],
-                                                gt.shape)
-                            images.append(ImageJob(normalise(item["img"], mean, std, device),
+                                                item["gt_seg_map"].shape)
+                            images.append(ImageJob(to_model_input(item["img_rgb"], mean, std, device, non_blocking),
                                                    tuple(int(v) for v in item["ori_shape"][:2])))
+                            gts.append(item["gt"].to(device, non_blocking=non_blocking))
                     logits = dense_logits(features, images, text.embeddings, settings["mode"], int(settings["crop"]),
                                           int(settings["stride"]), bs, timer)
-                    for n, (item, image) in enumerate(zip(batch, images)):
-                        gt = torch.from_numpy(np.asarray(item["gt_seg_map"]).astype(np.int64))
+                    for n, (item, image, gt) in enumerate(zip(batch, images, gts)):
                         preds = []
                         for per_job in logits:  # every method's prediction first: no state changes yet
                             lg = per_job[n]
@@ -223,7 +250,7 @@ class OVSSEvaluator(Evaluator):
                         try:
                             with timer.stage("metric"):
                                 for job, pred in zip(jobs, preds):
-                                    job.acc.update(pred.cpu(), gt)
+                                    job.acc.update(pred, gt)
                         except KeyboardInterrupt:
                             for job, areas in zip(jobs, committed):
                                 job.acc.areas = areas
@@ -289,7 +316,7 @@ def _load_partials(jobs: List[_MethodRun], rank: int, world_size: int = 1, n_tot
     if len({int(st["done"]) for st in states}) != 1:
         return 0
     for job, st in zip(jobs, states):
-        job.acc = IoUAccumulator.from_state_dict(st["acc"])
+        job.acc = IoUAccumulator.from_state_dict(st["acc"], device=job.acc.areas.device)
     return int(states[0]["done"])
 
 

@@ -66,7 +66,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from ..backbones.base import Backbone, BlockParts, TokenLayout, Tokens, check_patch_multiple
+from ..backbones.base import Backbone, BlockParts, EmbedOverride, TokenLayout, Tokens, check_patch_multiple
 from ..backbones.pos_embed import interpolate_patch_pos_embed, interpolate_patch_pos_embed_to_size
 from ..errors import ConfigError, WeightsError
 from ..registry import METHODS
@@ -319,15 +319,7 @@ def initial_student(backbone: Backbone, grid: int, generator: torch.Generator,
 
 
 # -- the student's vision stages --------------------------------------------------------------------------
-class _VisionOnly(nn.Module):
-    """Stands in for an open_clip ``CLIP`` that holds only the vision tower (the text stays the backbone's)."""
-
-    def __init__(self, visual: nn.Module) -> None:
-        super().__init__()
-        self.visual = visual
-
-
-class PHRegStudent(Backbone):
+class PHRegStudent(EmbedOverride):
     """A backbone's vision stages with a PH-Reg student's weights, registers and positional embedding.
 
     Runs on a deep copy of the backbone's vision adapter (``base``); only :meth:`embed` differs (the
@@ -335,37 +327,14 @@ class PHRegStudent(Backbone):
     """
 
     def __init__(self, base: Backbone, registers: torch.Tensor, pos_interpolation: str, layout: str) -> None:
-        super().__init__()
-        self.base = base
-        self.spec = base.spec
-        self.weights_id = base.weights_id
+        super().__init__(base)
         self.registers = nn.Parameter(registers.clone())
         self.pos_interpolation = pos_interpolation
         self.layout = layout
 
     @property
-    def num_blocks(self) -> int:
-        return self.base.num_blocks
-
-    @property
-    def width(self) -> int:
-        return self.base.width
-
-    @property
     def num_registers(self) -> int:
         return int(self.registers.shape[0])
-
-    def pre_norm(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base.pre_norm(x)
-
-    def block(self, i: int) -> BlockParts:
-        return self.base.block(i)
-
-    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base.final_norm(x)
-
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base.project(x)
 
     def trainable(self) -> Dict[str, nn.Parameter]:
         """The parameters distillation unlocks (the authors' distill_main.py / clip_reg.py), by name."""
@@ -391,7 +360,7 @@ class CLIPStudent(PHRegStudent):
     @classmethod
     def build(cls, backbone: Backbone, w: StudentWeights, pos_interpolation: str) -> "CLIPStudent":
         visual = _loaded_copy(backbone.visual, "positional_embedding", w.vision)
-        base = type(backbone)(backbone.spec, _VisionOnly(visual), backbone.weights_id)
+        base = backbone.with_visual(visual)
         return cls(base, w.registers, pos_interpolation, w.layout)
 
     @property

@@ -28,7 +28,7 @@ from typing import Any, Optional, Tuple
 import torch
 from torch import nn
 
-from ..backbones.base import CLS, PATCHES, Backbone, BlockParts, TokenLayout, Tokens
+from ..backbones.base import CLS, PATCHES, Backbone, EmbedOverride, TokenLayout, Tokens
 from ..backbones.pos_embed import interpolate_patch_pos_embed
 from ..errors import ConfigError, WeightsError
 from ..registry import METHODS
@@ -98,36 +98,17 @@ def split_ring(patch_tokens: torch.Tensor, grid: Tuple[int, int], ring: int) -> 
     return patch_tokens[:, ~m], patch_tokens[:, m]
 
 
-class _VisionOnly(nn.Module):
-    """Stands in for an open_clip ``CLIP`` holding only the vision tower (the text stays the backbone's)."""
-
-    def __init__(self, visual: nn.Module) -> None:
-        super().__init__()
-        self.visual = visual
-
-
-class RingCLIP(Backbone):
+class RingCLIP(EmbedOverride):
     """A copy of an open_clip vision adapter with refined weights whose :meth:`embed` adds the filler ring."""
 
     def __init__(self, base: Backbone, ring: int, fill: str, seed: int, pos_interpolation: str = "size") -> None:
-        super().__init__()
-        self.base = base
-        self.spec = base.spec
-        self.weights_id = base.weights_id
+        super().__init__(base)
         self.ring, self.fill, self.seed = int(ring), fill, int(seed)
         self.pos_interpolation = pos_interpolation
 
     @property
     def visual(self) -> nn.Module:
         return self.base.visual
-
-    @property
-    def num_blocks(self) -> int:
-        return self.base.num_blocks
-
-    @property
-    def width(self) -> int:
-        return self.base.width
 
     def embed_plain(self, images: torch.Tensor) -> Tokens:
         """conv1 patches, CLS and the positional embedding interpolated by ``pos_interpolation`` (before ``ln_pre``)."""
@@ -162,25 +143,13 @@ class RingCLIP(Backbone):
         layout = TokenLayout(((CLS, 1), (PATCHES, grid[0] * grid[1]), (TOKEN_KIND, ring.shape[1])), grid)
         return Tokens(x, layout)
 
-    def pre_norm(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base.pre_norm(x)
-
-    def block(self, i: int) -> BlockParts:
-        return self.base.block(i)
-
-    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base.final_norm(x)
-
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base.project(x)
-
 
 def refined_copy(backbone: Backbone, state: Optional[dict]) -> Backbone:
     """A copy of ``backbone``'s vision adapter holding ``state`` (open_clip ``visual`` names), text left out."""
     visual = copy.deepcopy(backbone.visual)
     if state is not None:
         visual.load_state_dict(state, strict=True)
-    return type(backbone)(backbone.spec, _VisionOnly(visual), backbone.weights_id)
+    return backbone.with_visual(visual)
 
 
 @METHODS.register("unirefiner")

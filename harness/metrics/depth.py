@@ -21,7 +21,7 @@ evaluator passes the protocol's ``eigen_crop_box``).
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -100,9 +100,13 @@ class DepthAccumulator:
         self.eigen_crop = bool(eigen_crop)
         self.eigen_crop_box = tuple(int(v) for v in eigen_crop_box)
         self.per_image: List[Dict[str, float]] = []
+        #: after :meth:`all_reduce`: the sums, counts and image count of every rank together
+        self.reduced: Optional[torch.Tensor] = None
 
     def update(self, pred: torch.Tensor, gt: torch.Tensor) -> Dict[str, float]:
         """Add one image: ``pred`` and ``gt`` are (H, W) depth maps in metres. Returns its metrics."""
+        if self.reduced is not None:
+            raise ValueError("this accumulator was reduced over the ranks; it takes no more images")
         if pred.shape != gt.shape:
             raise ValueError(f"prediction shape {tuple(pred.shape)} != ground-truth shape {tuple(gt.shape)}")
         mask = valid_depth_mask(gt, self.min_depth, self.max_depth, self.eigen_crop, self.eigen_crop_box)
@@ -114,12 +118,42 @@ class DepthAccumulator:
         self.per_image.extend(other.per_image)
         return self
 
+    def totals(self) -> torch.Tensor:
+        """float64 [sum of each metric over its non-NaN images, count of those images, images]: what the mean
+        over images needs, in a form that adds up over ranks."""
+        sums = [math.fsum(m[k] for m in self.per_image if not math.isnan(m[k])) for k in DEPTH_METRICS]
+        counts = [sum(1 for m in self.per_image if not math.isnan(m[k])) for k in DEPTH_METRICS]
+        return torch.tensor(sums + counts + [len(self.per_image)], dtype=torch.float64)
+
+    def all_reduce(self, reduce: Optional[Callable[[torch.Tensor], None]] = None) -> None:
+        """Add up the :meth:`totals` of every rank of an initialised ``torch.distributed`` group (images sharded
+        over torchrun processes), so :meth:`compute` and ``len`` describe the whole split. ``reduce`` (an in-place
+        sum over ranks) replaces ``torch.distributed.all_reduce``; without either this is a no-op."""
+        t = self.totals()
+        if reduce is None:
+            import torch.distributed as dist
+
+            if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+                return
+            t = t.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(t)
+            t = t.cpu()
+        else:
+            reduce(t)
+        self.reduced = t
+
     def __len__(self) -> int:
-        return len(self.per_image)
+        return int(self.reduced[-1]) if self.reduced is not None else len(self.per_image)
 
     def compute(self) -> Dict[str, float]:
         """Mean over images of each metric, skipping images without valid pixels (NaN)."""
         out: Dict[str, float] = {}
+        if self.reduced is not None:
+            n = len(DEPTH_METRICS)
+            for i, k in enumerate(DEPTH_METRICS):
+                count = float(self.reduced[n + i])
+                out[k] = float(self.reduced[i]) / count if count else math.nan
+            return out
         for k in DEPTH_METRICS:
             vals = [m[k] for m in self.per_image if not math.isnan(m[k])]
             out[k] = float(sum(vals) / len(vals)) if vals else math.nan

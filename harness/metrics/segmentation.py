@@ -8,10 +8,15 @@ aAcc = sum(I) / sum(label). Predictions outside [0, num_classes) count towards n
 
 Counts are int64 (mmseg uses float ``histc`` per image, exact below 2**24 pixels per image), so shards
 can be summed exactly and merged across processes with :meth:`IoUAccumulator.all_reduce`.
+
+The areas live on the device of the predictions (``device``) and :meth:`IoUAccumulator.update` never reads a
+value back to the host: no boolean-mask indexing and no ``bincount`` (on CUDA both wait for the GPU to learn an
+output size); every pixel is scattered into one bin per class plus a spare bin for the pixels no class counts.
+The host sees the areas only when they are saved or turned into metrics.
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -27,34 +32,36 @@ class IoUAccumulator:
         50.0
     """
 
-    def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
+    def __init__(self, num_classes: int, ignore_index: int = 255, device: Optional[torch.device] = None) -> None:
         self.num_classes = int(num_classes)
         self.ignore_index = int(ignore_index)
         # rows: intersect, union, pred, label
-        self.areas = torch.zeros(4, self.num_classes, dtype=torch.int64)
+        self.areas = torch.zeros(4, self.num_classes, dtype=torch.int64, device=device)
 
     def update(self, pred: torch.Tensor, label: torch.Tensor) -> None:
-        """Add one image (or a batch): integer tensors of equal shape."""
+        """Add one image (or a batch): integer tensors of equal shape, moved to the areas' device if elsewhere."""
         if pred.shape != label.shape:
             raise ValueError(f"prediction shape {tuple(pred.shape)} != label shape {tuple(label.shape)}")
-        pred = pred.reshape(-1).to(torch.int64).cpu()
-        label = label.reshape(-1).to(torch.int64).cpu()
+        dev, n = self.areas.device, self.num_classes
+        pred = pred.reshape(-1).to(dev, torch.int64)
+        label = label.reshape(-1).to(dev, torch.int64)
         keep = label != self.ignore_index
-        pred, label = pred[keep], label[keep]
-        n = self.num_classes
 
-        def hist(x: torch.Tensor) -> torch.Tensor:
-            x = x[(x >= 0) & (x < n)]
-            return torch.bincount(x, minlength=n)[:n]
+        def bins(x: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+            """Class bin of each pixel counted (ids 0..n-1); bin n collects the rest and is dropped."""
+            return torch.where(counted & (x >= 0) & (x < n), x, n)
 
-        inter = hist(pred[pred == label])
-        area_pred, area_label = hist(pred), hist(label)
+        # rows of (n + 1) bins: intersection, prediction, label
+        idx = torch.cat([bins(pred, keep & (pred == label)), bins(pred, keep) + (n + 1),
+                         bins(label, keep) + 2 * (n + 1)])
+        counts = torch.zeros(3 * (n + 1), dtype=torch.int64, device=dev).scatter_add_(0, idx, torch.ones_like(idx))
+        inter, area_pred, area_label = counts.view(3, n + 1)[:, :n]
         self.areas += torch.stack([inter, area_pred + area_label - inter, area_pred, area_label])
 
     def merge(self, other: "IoUAccumulator") -> "IoUAccumulator":
         if other.num_classes != self.num_classes:
             raise ValueError("cannot merge accumulators with different class counts")
-        self.areas += other.areas
+        self.areas += other.areas.to(self.areas.device)
         return self
 
     def all_reduce(self) -> None:
@@ -70,14 +77,15 @@ class IoUAccumulator:
         return {"num_classes": self.num_classes, "ignore_index": self.ignore_index, "areas": self.areas.tolist()}
 
     @classmethod
-    def from_state_dict(cls, d: Dict) -> "IoUAccumulator":
+    def from_state_dict(cls, d: Dict, device: Optional[torch.device] = None) -> "IoUAccumulator":
         acc = cls(d["num_classes"], d["ignore_index"])
-        acc.areas = torch.tensor(d["areas"], dtype=torch.int64)
+        acc.areas = torch.tensor(d["areas"], dtype=torch.int64, device=device)
         return acc
 
     def compute(self) -> Dict[str, object]:
         """mIoU, mAcc, aAcc (in %, unrounded) and per-class IoU/Acc lists (in %, NaN where undefined)."""
-        inter, union, _, label = (self.areas[i].double().numpy() for i in range(4))
+        host = self.areas.cpu()  # the one read-back of the areas
+        inter, union, _, label = (host[i].double().numpy() for i in range(4))
         with np.errstate(divide="ignore", invalid="ignore"):
             iou = inter / union
             acc = inter / label

@@ -61,7 +61,8 @@ def dense_logits(features: FeatureFn, jobs: Sequence[ImageJob], text: torch.Tens
 
     All windows of all jobs are grouped by shape and computed in shared batches of ``batch_size``.
     ``timer`` charges the backbone calls to ``backbone`` and the rest (cosine, upsampling, window sums)
-    to ``upsampling``.
+    to ``upsampling``. Window positions are Python integers and nothing is read back from the device, so on a
+    GPU the host queues every window without waiting (tests/ovss/test_gpu_path.py counts the syncs).
     """
     if mode not in ("slide", "whole"):
         raise ValueError(f"unknown inference mode {mode!r} (slide or whole)")
@@ -116,6 +117,8 @@ def postprocess(logits: torch.Tensor, query_class: torch.Tensor, num_classes: in
                 prob_thd: float = 0.0, area_thd: Optional[float] = None) -> torch.Tensor:
     """(Q, H, W) cosine logits -> (H, W) class indices (wangf3014/SCLIP@b56bd30 ``postprocess_result``).
 
+    Runs on the logits' device without reading any value back to the host (no per-image GPU sync).
+
     softmax(τ·cos) over all queries; per class the max over its queries; optional area threshold (a
     non-background class whose predicted area is ≤ area_thd × all non-background predicted area is
     zeroed); argmax; pixels whose max probability is below ``prob_thd`` become class 0.
@@ -128,12 +131,14 @@ def postprocess(logits: torch.Tensor, query_class: torch.Tensor, num_classes: in
     else:
         cls_probs = probs
     if area_thd is not None:
-        pred = cls_probs.argmax(0)
-        area = torch.bincount(pred.reshape(-1), minlength=num_classes)[:num_classes].to(cls_probs.dtype)
+        pred = cls_probs.argmax(0).reshape(-1)
+        # the predicted area of each class, counted on the device (``bincount`` would wait for a GPU to read the
+        # largest index back to size its output)
+        area = torch.zeros(num_classes, dtype=torch.int64, device=pred.device)
+        area = area.scatter_add_(0, pred, torch.ones_like(pred)).to(cls_probs.dtype)
         area[0] = 0  # SCLIP: areas of classes 1.. only ("prone to ignore background areas")
         keep = (area > area_thd * area.sum()).to(cls_probs.dtype)
         keep[0] = 1
         cls_probs = cls_probs * keep.view(-1, 1, 1)
     maxp, pred = cls_probs.max(0)
-    pred[maxp < prob_thd] = 0
-    return pred
+    return pred.masked_fill_(maxp < prob_thd, 0)  # not ``pred[mask] = 0``: boolean indexing syncs on a GPU

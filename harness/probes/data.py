@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from ..compat.mmcv_ops import import_mmseg
+from ..runtime import Dist
 
 #: NYUCrop of zhyever/Monocular-Depth-Estimation-Toolbox@d8aff50e (depth/datasets/pipelines/transforms.py):
 #: rows 45:472, cols 43:608 of the 480x640 frame. The default of :class:`HarnessNYUCrop`; the depth evaluator
@@ -129,20 +130,30 @@ class EpochOrder:
 
 
 class IterationBatches(Sampler):
-    """Yields, for iterations ``start..max_iters-1``, the list [(it, slot, index)] of each batch."""
+    """Yields, for iterations ``start..max_iters-1``, the list [(it, slot, index)] of each batch.
 
-    def __init__(self, n: int, batch_size: int, start: int, max_iters: int, seed: int) -> None:
+    Under torchrun (``dist`` with several ranks) each rank gets its consecutive slice of the *same* global
+    batch (rank r: slots r*b .. (r+1)*b-1, b = batch_size / world_size; refused when it does not split): the
+    order is seeded by the run seed alone and each sample's augmentation by (seed, iteration, global slot), so
+    the ranks together see exactly the batch one process sees.
+    """
+
+    def __init__(self, n: int, batch_size: int, start: int, max_iters: int, seed: int,
+                 dist: Optional[Dist] = None) -> None:
         self.order = EpochOrder(n, seed)
         self.batch_size = int(batch_size)
         self.start = int(start)
         self.max_iters = int(max_iters)
+        self.dist = dist or Dist()
+        self.dist.per_rank(self.batch_size)  # a global batch the ranks cannot split is refused here, at once
 
     def __len__(self) -> int:
         return max(self.max_iters - self.start, 0)
 
     def __iter__(self) -> Iterator[List[Tuple[int, int, int]]]:
         for it in range(self.start, self.max_iters):
-            yield [(it, s, self.order.index(it * self.batch_size + s)) for s in range(self.batch_size)]
+            items = [(it, s, self.order.index(it * self.batch_size + s)) for s in range(self.batch_size)]
+            yield self.dist.shard_batch(items)
 
 
 def to_chw_normalized(img: np.ndarray, mean_255: Sequence[float], std_255: Sequence[float],

@@ -13,9 +13,13 @@ shows the two give different answers.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
+
+#: a sum over the torchrun ranks whose backward sums the ranks' gradients (``Dist.differentiable_sum``); with
+#: it the losses below are those of the *global* batch, each rank holding a slice (see :func:`sig_loss`)
+RankSum = Callable[[torch.Tensor], torch.Tensor]
 
 # The constants below are the DVT recipe's values and this module's defaults; the depth evaluators pass the
 # protocol's ``loss`` entry instead (harness/protocols/depth/*.yaml, same values and sources).
@@ -42,15 +46,31 @@ def valid_mask(gt: torch.Tensor, max_depth: Optional[float] = None) -> torch.Ten
 
 
 def sig_loss(pred: torch.Tensor, gt: torch.Tensor, max_depth: Optional[float] = None,
-             warm_up: bool = False, eps: float = LOG_EPS, mean_weight: float = SIGLOSS_MEAN_WEIGHT) -> torch.Tensor:
+             warm_up: bool = False, eps: float = LOG_EPS, mean_weight: float = SIGLOSS_MEAN_WEIGHT,
+             rank_sum: Optional[RankSum] = None) -> torch.Tensor:
     """AdaBins scale-invariant log loss over all valid pixels of the batch.
 
     L = sqrt(Var(g) + 0.15 mean(g)^2), g = log(p + eps) - log(d + eps), ``torch.var`` unbiased as in
     DINOv2; with ``warm_up`` only sqrt(0.15 mean(g)^2). The caller passes ``warm_up=iteration < 100``, so
     the warm-up follows the iteration counter (and survives a resume) rather than a mutable call count.
+
+    With ``rank_sum`` (torchrun, the global batch split over ranks) Var and mean come from the float64 sums
+    (Σg, Σg², N) over all ranks: every rank gets the loss of the whole global batch, not of its slice, so
+    the run is the single-process one (Var = (Σg² − (Σg)²/N) / (N − 1), the unbiased variance).
     """
     m = valid_mask(gt, max_depth)
     g = torch.log(pred[m] + eps) - torch.log(gt[m] + eps)
+    if rank_sum is not None:
+        gd = g.double()
+        stats = rank_sum(torch.stack([gd.sum(), (gd * gd).sum(), gd.new_tensor(float(g.numel()))]))
+        n = float(stats[2].detach())
+        if n < 2:
+            return pred.sum() * 0.0 + stats.sum() * 0.0
+        mean = stats[0] / n
+        if warm_up:
+            return torch.sqrt(mean_weight * mean ** 2).to(pred.dtype)
+        var = (stats[1] - stats[0] * stats[0] / n) / (n - 1)
+        return torch.sqrt(var + mean_weight * mean ** 2).to(pred.dtype)
     if g.numel() < 2:  # no (or one) valid pixel: no signal, and a graph-connected zero instead of NaN
         return pred.sum() * 0.0
     if warm_up:
@@ -59,13 +79,14 @@ def sig_loss(pred: torch.Tensor, gt: torch.Tensor, max_depth: Optional[float] = 
 
 
 def gradient_loss(pred: torch.Tensor, gt: torch.Tensor, max_depth: Optional[float] = None, eps: float = LOG_EPS,
-                  strides: Sequence[int] = GRADIENT_STRIDES) -> torch.Tensor:
+                  strides: Sequence[int] = GRADIENT_STRIDES, rank_sum: Optional[RankSum] = None) -> torch.Tensor:
     """Multi-scale log-gradient matching loss, differences along the spatial axes (last two dims).
 
     For each stride s in (1, 2, 4, 6): R = (log(p + eps) - log(d + eps)) * mask on ``[..., ::s, ::s]``,
     sum |R[y] - R[y+2]| over pairs of valid pixels two rows apart plus the same two columns apart,
     divided by the number of valid pixels at that scale; the scales are summed (DINOv2 gradientloss.py,
-    with its slicing moved to the spatial dimensions).
+    with its slicing moved to the spatial dimensions). With ``rank_sum`` the sums and pixel counts are those
+    of the global batch (see :func:`sig_loss`).
     """
     total = pred.new_zeros(())
     for s in strides:
@@ -76,6 +97,10 @@ def gradient_loss(pred: torch.Tensor, gt: torch.Tensor, max_depth: Optional[floa
         r = (torch.log(p + eps) - torch.log(d + eps)) * m
         v = (r[..., :-2, :] - r[..., 2:, :]).abs() * (m[..., :-2, :] * m[..., 2:, :])
         h = (r[..., :, :-2] - r[..., :, 2:]).abs() * (m[..., :, :-2] * m[..., :, 2:])
+        if rank_sum is not None:
+            num, n = rank_sum(torch.stack([(v.sum() + h.sum()).double(), n.double()]))
+            total = total + (num / n.clamp(min=1)).to(total.dtype)
+            continue
         total = total + (v.sum() + h.sum()) / n.clamp(min=1)  # no valid pixel: 0, not NaN
     return total
 
@@ -83,14 +108,17 @@ def gradient_loss(pred: torch.Tensor, gt: torch.Tensor, max_depth: Optional[floa
 def depth_loss(pred: torch.Tensor, gt: torch.Tensor, iteration: int, max_depth: Optional[float] = None,
                warm_iters: int = SIGLOSS_WARM_ITERS, sigloss_weight: float = SIGLOSS_WEIGHT,
                sigloss_mean_weight: float = SIGLOSS_MEAN_WEIGHT, gradient_weight: float = GRADIENT_LOSS_WEIGHT,
-               gradient_strides: Sequence[int] = GRADIENT_STRIDES, log_eps: float = LOG_EPS) -> torch.Tensor:
+               gradient_strides: Sequence[int] = GRADIENT_STRIDES, log_eps: float = LOG_EPS,
+               rank_sum: Optional[RankSum] = None) -> torch.Tensor:
     """DVT NYU linear loss: 1.0 x SigLoss (warm-up for the first ``warm_iters`` iterations) + 0.5 x GradientLoss.
 
-    The keyword arguments are the protocol's ``loss`` entry (``depth_loss(..., **settings["loss"])``).
+    The keyword arguments are the protocol's ``loss`` entry (``depth_loss(..., **settings["loss"])``);
+    ``rank_sum`` makes it the loss of the global batch under torchrun (:func:`sig_loss`).
     """
     return (sigloss_weight * sig_loss(pred, gt, max_depth, warm_up=iteration < warm_iters, eps=log_eps,
-                                      mean_weight=sigloss_mean_weight)
-            + gradient_weight * gradient_loss(pred, gt, max_depth, eps=log_eps, strides=gradient_strides))
+                                      mean_weight=sigloss_mean_weight, rank_sum=rank_sum)
+            + gradient_weight * gradient_loss(pred, gt, max_depth, eps=log_eps, strides=gradient_strides,
+                                              rank_sum=rank_sum))
 
 
 def depth_losses(preds: torch.Tensor, gt: torch.Tensor, iteration: int, max_depth: Optional[float] = None,

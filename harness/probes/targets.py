@@ -23,6 +23,7 @@ from typing import Callable, Dict, Tuple
 import numpy as np
 import torch
 
+from ..io_safety import file_lock
 from ..runtime import progress as progress_bar
 from .cache import FeatureCache
 
@@ -105,6 +106,14 @@ def derive_cache(src: FeatureCache, dst: FeatureCache, item: Callable[[int], Dic
     """
     if not src.complete:
         raise ValueError(f"cannot derive targets from the incomplete cache {src.path}")
+    # one writer: under torchrun (or a second run) the others wait for the lock, then find it complete
+    with file_lock(dst.path, "feature cache"):
+        dst.reload()
+        return _derive(src, dst, item, show_progress, desc)
+
+
+def _derive(src: FeatureCache, dst: FeatureCache, item: Callable[[int], Dict[str, np.ndarray]],
+            show_progress: bool, desc: str) -> FeatureCache:
     start = dst.open_for_write()
     if dst.complete:
         dst.close()

@@ -189,3 +189,27 @@ def test_skip_in_a_probe_run_marks_its_record_partial(capsys, tmp_path) -> None:
     (path,) = records(tmp_path / "r")
     rec = json.loads(open(path).read())
     assert rec["partial"] is True and [d["image"] for d in rec["skipped_images"]] == [str(bad)]
+
+
+def test_suite_passes_on_bad_image_to_every_run(capsys, setup) -> None:
+    """``harness suite --on-bad-image skip``: each cell skips the bad sample and is marked partial; the
+    default (fail) stops the suite at the bad file with one line."""
+    import yaml
+
+    s = setup
+    img0, _ = sample_paths(s["root"], 0)
+    corrupt_bytes(img0)
+    data_dir = s["root"].parent
+    suite = {"task": "ovss", "protocol": s["protocol"], "backbones": ["test-planted-clip"],
+             "methods": ["maskclip", "naclip"], "datasets": {"voc21": s["root"].name}}
+    (s["tmp"] / "suite.yaml").write_text(yaml.safe_dump(suite))
+    base = ["suite", str(s["tmp"] / "suite.yaml"), "--data-dir", str(data_dir), "--random-init", "--workers", "0",
+            "--device", "cpu", "--results-dir", str(s["results"]), "--cache-dir", str(s["cache"]), "--no-progress"]
+    rc, _, err = run_cli(capsys, base)
+    assert rc == 2 and str(img0) in one_error(rc, err)
+    assert records(s["results"]) == []
+    rc, _, err = run_cli(capsys, base + ["--on-bad-image", "skip"])
+    assert rc == 0, err
+    recs = [json.loads(open(p).read()) for p in records(s["results"])]
+    assert sorted(r["method"] for r in recs) == ["maskclip", "naclip"]
+    assert all(r["partial"] and [d["image"] for d in r["skipped_images"]] == [str(img0)] for r in recs)
