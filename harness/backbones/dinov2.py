@@ -64,6 +64,17 @@ for _spec in (
     BACKBONES.add(_spec.id, _spec)
 
 
+def _timm_weights_only() -> Dict[str, bool]:
+    """``weights_only=True`` for timm's ``load_state_dict`` where it takes the flag; older timm (1.0.3, our lower
+    bound) has none, and there torch.load's own default applies, which is ``weights_only=True`` from torch 2.6
+    (our lower bound; PyTorch 2.6 release notes)."""
+    import inspect
+
+    from timm.models import load_state_dict
+
+    return {"weights_only": True} if "weights_only" in inspect.signature(load_state_dict).parameters else {}
+
+
 def _create_timm_vit(spec: BackboneSpec, arch: Optional[str] = None, meta: bool = False) -> nn.Module:
     """``spec``'s timm ViT (or timm's ``arch``, for specs named after another library's model), seeded.
 
@@ -78,9 +89,16 @@ def _create_timm_vit(spec: BackboneSpec, arch: Optional[str] = None, meta: bool 
     kwargs.update(TIMM_MODEL_KWARGS.get(spec.id, {}))
     if meta:
         kwargs["weight_init"] = "skip"
-    with torch.random.fork_rng(devices=[]), (torch.device("meta") if meta else contextlib.nullcontext()):
-        torch.manual_seed(RANDOM_INIT_SEED)
-        model = timm.create_model(arch or spec.arch, **kwargs)
+    try:
+        with torch.random.fork_rng(devices=[]), (torch.device("meta") if meta else contextlib.nullcontext()):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = timm.create_model(arch or spec.arch, **kwargs)
+    except RuntimeError as e:
+        # older timm (1.0.3, our lower bound) reads its stochastic-depth rates with .item() in __init__, which a
+        # meta tensor refuses: build with storage then (a few seconds of random init the file replaces)
+        if not meta or "meta" not in str(e):
+            raise
+        return _create_timm_vit(spec, arch, meta=False)
     n_reg = int(getattr(model, "num_reg_tokens", 0) or 0)
     if n_reg != spec.num_registers or getattr(model, "cls_token", None) is None:
         raise WeightsError(f"backbone {spec.id!r}: timm model {spec.arch} has {n_reg} registers and "
@@ -123,9 +141,10 @@ def _load_timm_weights(model: nn.Module, spec: BackboneSpec, path: str,
     from timm.models import load_state_dict
     from timm.models.vision_transformer import checkpoint_filter_fn
 
+    weights_only = _timm_weights_only()
     try:
         if state is None:
-            state = _unwrap_dvt_distilled(load_state_dict(path, use_ema=False, weights_only=True), path)
+            state = _unwrap_dvt_distilled(load_state_dict(path, use_ema=False, **weights_only), path)
         state = checkpoint_filter_fn(state, model)
         on_meta = any(p.is_meta for p in model.parameters())  # built by _create_timm_vit(meta=True)
         if on_meta:  # assigned tensors keep their dtype: float32 like a normally built model (fp16 files exist)
