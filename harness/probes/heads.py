@@ -196,43 +196,74 @@ def depth_head_split_forward(head: DepthBinsHead, patch: torch.Tensor, cls: torc
     return _BinsExpectation.apply(z, head.bins.to(z.dtype), head.norm_eps)
 
 
+def _images_per_chunk(images: int) -> int:
+    """Images per chunk of :class:`_TokenGridDepth`: two where they pair up (2 x 1,170 tokens of a 416x544 view
+    is where this machine's matrix products stop gaining from longer chunks while the chunk still fits in
+    cache), else one."""
+    return 2 if images % 2 == 0 else 1
+
+
 class _TokenGridDepth(torch.autograd.Function):
     """Depth of a grid of bins heads at the token grid: logits z = X W_f^T + bias(image), then the
     linear-normalised expectation over each head's bins, with a hand-written backward.
 
-    The formulas of :class:`_BinsExpectation` with the bins along the last axis, with few passes over the
-    (tokens, heads*bins) logits, the largest tensor of the ``fast`` v3 step (~24M values for 16 NYU views and
-    5 heads): the bias and the ReLU are applied in place on the product's output (kept for the backward:
-    z > 0 exactly where relu(z) > 0), and the backward forms dL/dz once and reduces it to
-    dL/dW_f = (dL/dz)^T X (one product) and dL/dbias = per-image sums. Nothing is modified in place in the
-    backward, so a graph kept with ``retain_graph`` can be differentiated again.
+    The formulas of :class:`_BinsExpectation` with the bins along the last axis. The (tokens, heads*bins)
+    logits are the largest tensor of the ``fast`` v3 step (~24M values for 16 NYU views and 5 heads), so they
+    are never held whole: one chunk of images at a time, the product (with the image's CLS bias), the ReLU and the two
+    bin sums run on a reused buffer that stays in cache, and only the sign of z (a bool per logit) is kept for
+    the backward, which forms dL/dz per chunk in another reused buffer and accumulates
+    dL/dW_f += (dL/dz)^T X and dL/dbias. Why: a fresh 96 MB tensor per pass costs page faults and memory
+    traffic comparable to the products themselves on a CPU. Nothing saved is modified in the backward, so a
+    graph kept with ``retain_graph`` can be differentiated again.
     """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, w_f: torch.Tensor, bias: torch.Tensor, bins: torch.Tensor,
                 eps: float, heads: int) -> torch.Tensor:  # noqa: D102
-        m, b, k = x.shape[0], bias.shape[0], bins.numel()
-        r = torch.mm(x, w_f.t())  # (M, heads*bins)
-        r.view(b, m // b, -1).add_(bias[:, None, :]).relu_()
-        sums = r.view(m * heads, k) @ torch.stack([torch.ones_like(bins), bins], dim=1)  # (M*heads, 2)
+        m, b, k, n = x.shape[0], bias.shape[0], bins.numel(), w_f.shape[0]
+        t = m // b  # tokens per image
+        per = _images_per_chunk(b)
+        kernel = torch.stack([torch.ones_like(bins), bins], dim=1)  # (bins, 2): sum_k r_k and sum_k r_k b_k
+        positive = torch.empty(m, n, dtype=torch.bool, device=x.device)
+        sums = x.new_empty(m * heads, 2)
+        r = x.new_empty(per * t, n)  # a chunk's logits, reused: stays in cache, no fresh pages per step
+        for i in range(0, b, per):
+            rows = slice(i * t, (i + per) * t)
+            torch.mm(x[rows], w_f.t(), out=r)
+            r.view(per, t, n).add_(bias[i:i + per, None, :]).relu_()
+            torch.gt(r, 0, out=positive[rows])
+            torch.mm(r.view(-1, k), kernel, out=sums[i * t * heads:(i + per) * t * heads])
         s = sums[:, :1] + eps * k
         depth = (sums[:, 1:] + eps * bins.sum()) / s
-        ctx.save_for_backward(x, w_f, r, bins, s, depth)
+        ctx.save_for_backward(x, w_f, positive, bins, s, depth)
         ctx.images = b
         return depth.view(m, heads)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):  # noqa: D102
-        x, w_f, r, bins, s, depth = ctx.saved_tensors
-        m, k = x.shape[0], bins.numel()
+        x, w_f, positive, bins, s, depth = ctx.saved_tensors
+        m, k, b = x.shape[0], bins.numel(), ctx.images
+        t, n = m // b, w_f.shape[0]
+        per = _images_per_chunk(b)
         c = grad.reshape(-1, 1) / s  # (M*heads, 1)
-        # dL/dz_k = c (b_k - depth) where z_k > 0: one pass (broadcast addcmul) to write it, one to mask it
-        g = torch.addcmul(-c * depth, c, bins[None, :])
-        g.masked_fill_(r.view(-1, k) <= 0, 0.0)
-        g = g.view(m, -1)
-        dx = g @ w_f if ctx.needs_input_grad[0] else None
-        dw = g.t() @ x if ctx.needs_input_grad[1] else None
-        db = g.view(ctx.images, m // ctx.images, -1).sum(1) if ctx.needs_input_grad[2] else None
+        neg_cd = -c * depth
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dx = x.new_empty(m, x.shape[1]) if need_x else None
+        dw = torch.zeros_like(w_f) if need_w else None
+        db = x.new_empty(b, n) if need_b else None
+        g = x.new_empty(per * t * n // k, k)  # a chunk's dL/dz, reused
+        for i in range(0, b, per):
+            rows, hrows = slice(i * t, (i + per) * t), slice(i * t * (n // k), (i + per) * t * (n // k))
+            # dL/dz_k = c (b_k - depth) where z_k > 0 (multiplying by the bool mask: one vectorised pass)
+            torch.addcmul(neg_cd[hrows], c[hrows], bins[None, :], out=g)
+            g.mul_(positive[rows].view(-1, k))
+            gi = g.view(per * t, n)
+            if need_x:
+                torch.mm(gi, w_f, out=dx[rows])
+            if need_w:
+                dw.addmm_(gi.t(), x[rows])
+            if need_b:
+                torch.sum(gi.view(per, t, n), 1, out=db[i:i + per])
         return dx, dw, db, None, None, None
 
 

@@ -80,9 +80,10 @@ def test_token_step_loss_and_gradients_equal_autograd_of_the_module(dtype, tol, 
         assert h.upsample == 4
 
 
-def test_fused_product_and_expectation_value_and_gradcheck() -> None:
+@pytest.mark.parametrize("images", [2, 3, 4])  # chunks of two images, and of one where they do not pair up
+def test_fused_product_and_expectation_value_and_gradcheck(images) -> None:
     torch.manual_seed(9)
-    images, tokens, c, heads, k = 2, 3, 4, 2, 5
+    tokens, c, heads, k = 3, 4, 2, 5
     bins = torch.linspace(0.5, 4.0, k, dtype=torch.float64)
     x = torch.randn(images * tokens, c, dtype=torch.float64, requires_grad=True)
     w = torch.randn(heads * k, c, dtype=torch.float64, requires_grad=True)
