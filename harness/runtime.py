@@ -64,13 +64,7 @@ class Dist:
 
     def mean(self, values: Sequence[float]) -> List[float]:
         """The mean of each value over the ranks (e.g. per-rank losses, for curves that match one process)."""
-        if self.world_size <= 1:
-            return [float(v) for v in values]
-        import torch.distributed as dist
-
-        t = torch.tensor([float(v) for v in values], dtype=torch.float64)
-        dist.all_reduce(t)
-        return (t / self.world_size).tolist()
+        return [v / self.world_size for v in self.total(values)]
 
     def total(self, values: Sequence[float]) -> List[float]:
         """The sum of each value over the ranks, in float64 (counts and metric sums of sharded evaluations)."""
