@@ -67,6 +67,14 @@ COMMON_KEYS = ("train_split", "depth_rescale_factor", "min_depth", "max_depth", 
 FAITHFUL_KEYS = ("rotate_prob", "rotate_degree", "flip_prob", "color_prob", "gamma_range", "brightness_range",
                  "color_range")
 FAST_KEYS = ("holdout_fraction", "select_metric")
+#: what a ``fast`` record's note says of each training loss (``train_loss``: v1 pixel, v2 head-output, v3 token)
+FAST_LOSS_NOTES = {
+    "pixel": "training loss at the depth map's resolution",
+    "head-output": ("training loss at the head's output resolution against the valid-masked mean depth of each "
+                    "output cell (not the full-resolution loss of faithful)"),
+    "token": ("training loss at the token grid (the heads without their x4 upsampling) against the valid-masked "
+              "mean depth of each token's pixels (not the full-resolution loss of faithful)"),
+}
 #: record metric names: the toolbox's a1/a2/a3 are called delta1..3 here (issue: leaderboard names)
 RECORD_METRICS = ("rmse", "abs_rel", "sq_rel", "rmse_log", "log10", "silog", "delta1", "delta2", "delta3")
 #: recorded in percent, as PH-Reg Table 2 and the DVT tables print them (so the leaderboard's Δ is meaningful)
@@ -107,8 +115,8 @@ class DepthEvaluator(ProbeEvaluator):
     optimiser_source = "DVT's NYU probe optimiser"
     #: pixel: v1, prediction resized to the depth map; head-output: v2, loss at the head's output resolution
     #: against the valid-masked mean depth of each output cell; token: v3, the heads' depth at the token grid
-    #: (no upsampling) against the valid-masked mean depth of each token's pixels
-    fast_train_losses = ("pixel", "head-output", "token")
+    #: (no upsampling) against the valid-masked mean depth of each token's pixels (the first is the default)
+    fast_train_losses = tuple(FAST_LOSS_NOTES)
     default_eval_split = "test"
     common_keys, faithful_keys, fast_keys = COMMON_KEYS, FAITHFUL_KEYS, FAST_KEYS
     ddp_modes = ("fast", "faithful")
@@ -396,18 +404,12 @@ class DepthEvaluator(ProbeEvaluator):
                  "artifacts": {"head": run.artifact("head.pt"), "train_cache": tr_cache.path,
                                "test_cache": te_cache.path}, "inference_batch": bs,
                  "train_loss": train_loss, "train_seconds": trainer.train_seconds}
-        loss_note = "training loss at the depth map's resolution"
         if tg_cache is not None:
             extra["artifacts"]["train_targets_cache"] = tg_cache.path
             extra["cache_bytes_per_image"]["train targets"] = tg_cache.nbytes / max(1, n)
             extra["train_target_grid"] = list(tg_cache.shape(0, "depth"))
-            loss_note = ("training loss at the head's output resolution against the valid-masked mean depth of "
-                         "each output cell (not the full-resolution loss of faithful)")
-            if train_loss == "token":
-                loss_note = ("training loss at the token grid (the heads without their x4 upsampling) against the "
-                             "valid-masked mean depth of each token's pixels (not the full-resolution loss of "
-                             "faithful)")
         run.notes.append("fast protocol (not faithful): one fixed view per training image (NYUCrop + centre crop), "
-                         f"features cached in fp16, {len(lrs)} heads (lr grid) trained together, {loss_note}, "
+                         f"features cached in fp16, {len(lrs)} heads (lr grid) trained together, "
+                         f"{FAST_LOSS_NOTES[train_loss]}, "
                          f"best by held-out {metric} on {n_hold} train images")
         return self._finish(run, trainer, acc, extra)
