@@ -1,5 +1,5 @@
 """Training step of the ``fast`` probes: version 1 (loss at full resolution), version 2 (loss on the head's
-grid) and, for depth, version 3 (loss at the token grid).
+grid) and, for depth, version 3 (loss at the token grid) and version 4 (that loss on a random window of the grid).
 
 Same machine, same run, same cached data and the same initial heads: the shipped ``fast`` protocols' grid
 of five heads and batch 16. The cache is filled the way the evaluators fill it (fixed 512x512 views of
@@ -9,7 +9,9 @@ generated VOC-sized images for linear-seg, 416x544 NYU views for depth, random-i
 * v2 step: the version-2 loss -- token-grid histograms (one GEMM for the whole head grid) /
   the depth head's output grid (x4 the tokens) against masked-mean depth;
 * v3 step (depth): the depth heads at the token grid, one GEMM for the whole head grid, against
-  masked-mean depth pooled onto the tokens (the shipped depth ``fast`` protocol, version 3);
+  masked-mean depth pooled onto the tokens (depth ``fast`` protocol version 3);
+* v4 step (depth): the v3 step on each view's random window of ``train_token_window`` of the grid's rows and
+  columns (21x27 of 30x39; the shipped depth ``fast`` protocol, version 4);
 
 each timed over whole trainer iterations (:class:`~harness.probes.trainer.ProbeTrainer`: batch loading
 from the memory-mapped cache, forward, backward, AdamW), the versions alternating in rounds so that all see
@@ -44,6 +46,8 @@ import torch  # noqa: E402
 
 #: the shipped fast protocols' head grid and batch (harness/protocols/{linear-seg,depth}/fast.yaml)
 HEADS, BATCH = 5, 16
+#: the training-step versions the tables can hold (linear-seg: v1, v2; depth: v1 to v4)
+VERSIONS = ("v1", "v2", "v3", "v4")
 #: VOC2012 train, the set whose extraction the 4,000 iterations are compared with (DVT voc2012 config: 1,464)
 VOC_TRAIN_IMAGES = 1464
 #: VOC val images (1,449) and a 512-short-side test view of a 500x375 image: 683x512 -> 2 windows of 512/341
@@ -201,7 +205,7 @@ def depth_bench(args: argparse.Namespace, work: str, rows: List[Dict[str, Any]],
     from harness.models import build_dense_model
     from harness.prepare.nyu import prepare_nyu
     from harness.probes.cache import FeatureCache
-    from harness.probes.data import depth_fixed_view_pipeline, register_transforms
+    from harness.probes.data import depth_fixed_view_pipeline, random_windows, register_transforms, window_size
     from harness.probes.extract import FixedViewSamples, fill_cache
     from harness.probes.features import dense_features, resize
     from harness.probes.heads import (
@@ -258,7 +262,10 @@ def depth_bench(args: argparse.Namespace, work: str, rows: List[Dict[str, Any]],
     init = HeadBank([DepthBinsHead(2 * c, int(proto["n_bins"]), float(proto["min_depth"]), float(proto["max_depth"]),
                                    up, norm_eps=float(proto["head"]["norm_eps"])) for _ in lrs])
     rng = np.random.default_rng(0)
-    per_round = {"v1": args.depth_v1_iters, "v2": args.depth_v2_iters, "v3": args.depth_v3_iters}
+    per_round = {"v1": args.depth_v1_iters, "v2": args.depth_v2_iters, "v3": args.depth_v3_iters,
+                 "v4": args.depth_v4_iters}
+    share = tuple(float(f) for f in proto["train_token_window"])  # v4: each step's window of the token grid
+    window = window_size(grid, share)
     order = [rng.permutation(len(cache))[:BATCH].tolist()
              for _ in range(args.depth_rounds * max(per_round.values()))]
     warm = int(proto["sigloss_warmup_iters"])
@@ -269,7 +276,7 @@ def depth_bench(args: argparse.Namespace, work: str, rows: List[Dict[str, Any]],
 
         def make(offset: int):
             def batches(start: int):
-                for idx in order[offset + start:offset + n]:
+                for j, idx in enumerate(order[offset + start:offset + n]):
                     if version == "v1":  # the full (B, 2C, h, w) input, depth at the 416x544 view
                         x = depth_head_input(cache.stack(idx, "patch", torch.float32),
                                              cache.stack(idx, "cls", torch.float32))
@@ -277,9 +284,12 @@ def depth_bench(args: argparse.Namespace, work: str, rows: List[Dict[str, Any]],
                     elif version == "v2":  # patch and CLS apart, depth pooled onto the head's output grid
                         yield ((cache.stack(idx, "patch", torch.float32), cache.stack(idx, "cls", torch.float32)),
                                targets.stack(idx, "depth", torch.float32)[:, None])
-                    else:  # v3: (C, B, h, w) in one pass per item, depth pooled onto the token grid
-                        yield ((cache.stack_channels_first(idx, "patch"), cache.stack(idx, "cls", torch.float32)),
-                               tokens.stack(idx, "depth", torch.float32)[:, None])
+                    else:  # v3/v4: (C, B, h, w) in one pass per item, depth pooled onto the token grid
+                        it = offset + start + j
+                        wins = None if version == "v3" else random_windows(
+                            grid, share, 0, [(it, s, i) for s, i in enumerate(idx)])  # v4: only the windows
+                        yield ((cache.stack_channels_first(idx, "patch", wins), cache.stack(idx, "cls", torch.float32)),
+                               tokens.stack(idx, "depth", torch.float32, wins)[:, None])
             return batches
         return make
 
@@ -289,13 +299,14 @@ def depth_bench(args: argparse.Namespace, work: str, rows: List[Dict[str, Any]],
                                                        b[1], it, **loss_kw)),
         "v2": dict(loss_fn=lambda b, it, j: depth_loss(depth_head_split_forward(heads["v2"].heads[j], *b[0]), b[1],
                                                        it, **loss_kw)),
-        "v3": dict(loss_fn=None, losses_fn=lambda b, it: list(depth_losses(
-            depth_token_grid_train(heads["v3"].heads, *b[0]), b[1], it, **loss_kw))),
+        **{v: dict(loss_fn=None, losses_fn=lambda b, it, v=v: list(depth_losses(
+            depth_token_grid_train(heads[v].heads, *b[0]), b[1], it, **loss_kw))) for v in ("v3", "v4")},
     }
     secs = interleaved(args.depth_rounds, lrs, work, proto, [
         dict(heads=heads[v], per_round=per_round[v], batches=batches_of(v), fit=fits[v]) for v in per_round])
     row = dict(task="depth", backbone=args.backbone, grid=f"{grid[0]}x{grid[1]}",
-               label=f"{crop[0]}x{crop[1]} -> {out[0]}x{out[1]} (v2) / {grid[0]}x{grid[1]} (v3)",
+               label=f"{crop[0]}x{crop[1]} -> {out[0]}x{out[1]} (v2) / {grid[0]}x{grid[1]} (v3) / "
+                     f"{window[0]}x{window[1]} window (v4)", window=window,
                extract=extract_s, targets=targets_s, tokens=tokens_s, max_iters=int(proto["max_iters"]))
     for v, sec in zip(per_round, secs):
         row[v], row[f"{v}_iters"] = sec, args.depth_rounds * per_round[v]
@@ -320,7 +331,7 @@ def depth_bench(args: argparse.Namespace, work: str, rows: List[Dict[str, Any]],
     row.update(eval=eval_s, n_hold=n_hold, n_evals=n_evals)
     if args.profile:
         row["profile"] = {v: profile_step(heads[v], lrs, work, proto, batches_of(v)(0), fits[v])
-                          for v in ("v2", "v3")}
+                          for v in ("v2", "v3", "v4")}
     rows.append(row)
 
 
@@ -394,11 +405,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="linear-seg timing rounds (v1 and v2 alternate)")
     ap.add_argument("--v1-iters", type=int, default=1, help="linear-seg v1 iterations per round")
     ap.add_argument("--v2-iters", type=int, default=15, help="linear-seg v2 iterations per round")
-    ap.add_argument("--depth-rounds", type=int, default=3, help="depth timing rounds (v1, v2, v3 alternate)")
+    ap.add_argument("--depth-rounds", type=int, default=3, help="depth timing rounds (v1 to v4 alternate)")
     ap.add_argument("--depth-v1-iters", type=int, default=1, help="depth v1 iterations per round")
     ap.add_argument("--depth-v2-iters", type=int, default=1, help="depth v2 iterations per round")
     ap.add_argument("--depth-v3-iters", type=int, default=30, help="depth v3 iterations per round")
-    ap.add_argument("--profile", action="store_true", help="also profile one depth v2 and v3 iteration")
+    ap.add_argument("--depth-v4-iters", type=int, default=30, help="depth v4 iterations per round")
+    ap.add_argument("--profile", action="store_true", help="also profile one depth v2, v3 and v4 iteration")
     ap.add_argument("--vitb-batch", type=int, default=2)
     ap.add_argument("--vitb-reps", type=int, default=2)
     ap.add_argument("--skip-depth", action="store_true", help="same as --task linear-seg")
@@ -421,7 +433,7 @@ def main() -> None:
     load_after = os.getloadavg()
     for r in rows:
         print(f"{r['task']:10s} " + "  ".join(f"{v} {r[v]:.4f} s/it ({r['v1'] / r[v]:.1f}x v1)"
-                                               for v in ("v1", "v2", "v3") if v in r), flush=True)
+                                               for v in VERSIONS if v in r), flush=True)
     device = f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()}), torch " \
              f"{torch.__version__}, {torch.get_num_threads()} threads"
     run_line = (
@@ -435,7 +447,7 @@ def main() -> None:
         + ". The versions ran in the same process, alternating in rounds (so all saw the same load), on the same "
         "cache and the same initial heads.")
     header = [
-        "# Fast probes: the v1, v2 and v3 training steps",
+        "# Fast probes: the v1 to v4 training steps",
         "",
         f"Cached features: `{args.backbone}` (random init), {args.images} generated training images per task "
         f"(VOC-sized 375x500 -> fixed 512x512 view; NYU 480x640 -> 416x544 view). Step = one trainer iteration "
@@ -445,34 +457,29 @@ def main() -> None:
         "token grid against per-token label histograms, the grid as one GEMM with BatchNorm folded in; depth loss "
         "at the head's output grid (x4 the tokens) against masked-mean depth, CLS half of the conv as a per-image "
         "bias. v3 (depth only): the depth heads without their x4 upsampling, all five heads' logits as one GEMM "
-        "over the shared token matrix, loss at the token grid against masked-mean depth.",
+        "over the shared token matrix, loss at the token grid against masked-mean depth. v4 (depth only): the v3 "
+        "step on a random window of each view's token grid (the protocol's `train_token_window` share of its rows "
+        "and columns), only the windows read from the cache.",
     ]
-    table = ["| task | token grid | label / target | v1 s/iter (iters) | v2 s/iter (iters) | v3 s/iter (iters) "
-             "| v2 / v1 | v3 / v1 | 4,000 iters v1 | 4,000 iters v2 | 4,000 iters v3 | extraction s/image "
-             "| targets ms/image |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
-    def table_row(r: Dict[str, Any]) -> str:
-        def cell(v: str) -> str:
-            return f"{r[v]:.4f} ({r[v + '_iters']})" if v in r else "-"
-
-        def speed(v: str) -> str:
-            return f"**{r['v1'] / r[v]:.1f}x**" if v in r else "-"
-
-        def cost(v: str) -> str:
-            return duration(r[v] * r["max_iters"]) if v in r else "-"
-
+    def table(r: Dict[str, Any]) -> List[str]:
+        """The row's versions as columns: s/iter, speed-up over v1, 4,000 iterations."""
+        vs = [v for v in VERSIONS if v in r]
+        cols = ([f"{v} s/iter (iters)" for v in vs] + [f"{v} / v1" for v in vs[1:]]
+                + [f"4,000 iters {v}" for v in vs])
+        cells = ([f"{r[v]:.4f} ({r[v + '_iters']})" for v in vs] + [f"**{r['v1'] / r[v]:.1f}x**" for v in vs[1:]]
+                 + [duration(r[v] * r["max_iters"]) for v in vs])
         tg = f"{r['targets'] * 1000:.1f}" + (f" / {r['tokens'] * 1000:.1f}" if "tokens" in r else "")
-        return (f"| {r['task']} | {r['grid']} | {r['label']} | {cell('v1')} | {cell('v2')} | {cell('v3')} | "
-                f"{speed('v2')} | {speed('v3')} | {cost('v1')} | {cost('v2')} | {cost('v3')} | {r['extract']:.2f} "
-                f"| {tg} |")
+        head = ["task", "token grid", "label / target", *cols, "extraction s/image", "targets ms/image"]
+        return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+                "| " + " | ".join([r["task"], r["grid"], r["label"], *cells, f"{r['extract']:.2f}", tg]) + " |"]
 
     sections: Dict[str, List[str]] = {}
     vitb_line = (f"ViT-B/14 (`dinov2-b14`, random init) forward at the padded 512 crop (518x518, 37x37 tokens): "
                  f"{vitb:.2f} s per image (batch {args.vitb_batch}, mean of {args.vitb_reps} timed batches after "
                  f"one warm-up, same load).")
     for r in rows:
-        lines = [SECTION_TITLES[r["task"]], "", run_line, "", *table, table_row(r), "", vitb_line]
+        lines = [SECTION_TITLES[r["task"]], "", run_line, "", *table(r), "", vitb_line]
         if r["task"] == "linear-seg":
             seg_total = r["v2"] * r["max_iters"] + r["eval"] * r["n_hold"] * r["n_evals"]
             lines += [
@@ -488,19 +495,20 @@ def main() -> None:
                 *notes]
         else:
             nyu = [vitb * TOKENS_NYU / TOKENS_VOC * n for n in NYU_TRAIN_FRAMES]
-            v3 = r["v3"] * r["max_iters"]
+            v4 = r["v4"] * r["max_iters"]
             lines += [
-                f"Depth: v2 is {r['v1'] / r['v2']:.1f}x and v3 **{r['v1'] / r['v3']:.1f}x** the v1 step "
-                f"(target: >= 50x). 4,000 v3 iterations: **{duration(v3)}** (v2 {duration(r['v2'] * r['max_iters'])}, "
+                f"Depth: v2 is {r['v1'] / r['v2']:.1f}x, v3 {r['v1'] / r['v3']:.1f}x and v4 (shipped) "
+                f"**{r['v1'] / r['v4']:.1f}x** the v1 step (target: >= 50x). 4,000 v4 iterations: **{duration(v4)}** "
+                f"(v3 {duration(r['v3'] * r['max_iters'])}, v2 {duration(r['v2'] * r['max_iters'])}, "
                 f"v1 {duration(r['v1'] * r['max_iters'])}), against a ViT-B/14 extraction of NYU train estimated "
                 f"from the 518x518 forward scaled by token count ({TOKENS_NYU}/{TOKENS_VOC}): "
                 f"{NYU_TRAIN_FRAMES[0]} official frames {duration(nyu[0])}, the {NYU_TRAIN_FRAMES[1]} BTS frames "
-                f"{duration(nyu[1])} -- the v3 iterations cost "
-                f"{'less' if v3 < nyu[0] else 'more'} than the smaller extraction. With a ViT-B/14 cache (768 "
-                f"channels instead of {384 if 's14' in args.backbone else 'the'} here) the v3 step's GEMMs double.",
+                f"{duration(nyu[1])} -- the v4 iterations cost "
+                f"{'less' if v4 < nyu[0] else 'more'} than the smaller extraction. With a ViT-B/14 cache (768 "
+                f"channels instead of {384 if 's14' in args.backbone else 'the'} here) the step's GEMMs double.",
                 f"Targets: {r['targets'] * 1000:.1f} ms per view onto the head's output grid (v2), "
                 f"{r['tokens'] * 1000:.1f} ms onto the token grid (v3), once per cached view.",
-                f"Held-out evaluation (unchanged in v3: the full heads with their x4 upsampling, resized to the "
+                f"Held-out evaluation (unchanged in v3 and v4: the full heads with their x4 upsampling, resized to the "
                 f"416x544 view, {HEADS} heads): {r['eval'] * 1000:.0f} ms per view; a 4,000-iteration run evaluates "
                 f"{r['n_evals']} times, on {r['n_hold'][0]} held-out views of the official split "
                 f"({duration(r['eval'] * r['n_hold'][0] * r['n_evals'])}) or {r['n_hold'][1]} of the BTS split "

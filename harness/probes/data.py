@@ -110,6 +110,37 @@ def sample_seed(seed: int, iteration: int, slot: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(iteration), int(slot)]).generate_state(1)[0])
 
 
+#: a window of a token grid: (rows, columns) slices of the last two axes
+Window = Tuple[slice, slice]
+
+
+def window_size(grid: Sequence[int], fraction: Sequence[float]) -> Tuple[int, int]:
+    """Rows and columns of a window that keeps ``fraction`` of each side of ``grid`` (rounded, at least 1)."""
+    return tuple(min(int(n), max(1, int(round(float(f) * int(n))))) for n, f in zip(grid, fraction))  # type: ignore
+
+
+def random_windows(grid: Sequence[int], fraction: Sequence[float], seed: int,
+                   items: Sequence[Tuple[int, int, int]]) -> List[Window]:
+    """One window of ``window_size(grid, fraction)`` per batch item, placed uniformly at random.
+
+    Each item's offsets come from (seed, iteration, global slot) alone (:func:`sample_seed`), as a faithful
+    sample's augmentation does: the windows are the same whether one process or several ranks (each with its
+    slice of the global batch, :class:`IterationBatches`) draw them, and a resumed run draws them again.
+
+    Args:
+        grid: (rows, columns) of the token grid.
+        fraction: the share of rows and of columns each window keeps.
+        items: the batch's (iteration, slot, index) triples.
+    """
+    h, w = window_size(grid, fraction)
+    out = []
+    for it, slot, _ in items:
+        rng = np.random.default_rng(sample_seed(seed, it, slot))
+        y, x = (int(v) for v in rng.integers(0, [int(grid[0]) - h + 1, int(grid[1]) - w + 1]))
+        out.append((slice(y, y + h), slice(x, x + w)))
+    return out
+
+
 class EpochOrder:
     """Which dataset index fills global position p = iteration·batch + slot: seeded permutation per epoch."""
 

@@ -80,6 +80,9 @@ class DepthFast(DepthCommon):
     #: version 3: the loss at the token grid (``token``), version 2 at the head's output grid
     #: (``head-output``), both against masked-mean depth; ``pixel`` = version 1
     train_loss: Literal["pixel", "head-output", "token"] = "pixel"
+    #: version 4 (``token`` only): each step's loss on a random window of this share of the token grid's rows
+    #: and columns per view; (1, 1) = the whole grid, version 3
+    train_token_window: Tuple[float, float] = (1.0, 1.0)
 
 
 @register_schema("depth")
@@ -99,6 +102,14 @@ class DepthSchema(TaskSchema):
             if not (0 <= y0 < y1 <= NYU_FRAME[0] and 0 <= x0 < x1 <= NYU_FRAME[1]):
                 raise ConfigError(f"{where}: {key} must be [row0, row1, col0, col1] with 0 <= row0 < row1 <= "
                                   f"{NYU_FRAME[0]} and 0 <= col0 < col1 <= {NYU_FRAME[1]}; got {list(settings[key])}")
+        window = settings.get("train_token_window")
+        if window is not None:
+            if not all(0 < float(f) <= 1 for f in window):
+                raise ConfigError(f"{where}: train_token_window must be two shares in (0, 1] of the token grid's "
+                                  f"rows and columns; got {list(window)}")
+            if any(float(f) != 1 for f in window) and settings.get("train_loss", "pixel") != "token":
+                raise ConfigError(f"{where}: train_token_window {list(window)} needs train_loss: token (a window of "
+                                  f"the token grid); train_loss is {settings.get('train_loss', 'pixel')!r}")
         m = settings["onecycle_momentum"]
         if not (0 <= m["base_momentum"] <= m["max_momentum"] < 1 and 0 < m["pct_start"] < 1):
             raise ConfigError(f"{where}: onecycle_momentum needs 0 <= base_momentum <= max_momentum < 1 and "

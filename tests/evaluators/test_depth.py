@@ -194,20 +194,26 @@ def test_fast_depth_probe_beats_half_the_mean_depth_baseline(nyu, cache_dir, tmp
     assert rec.protocol == "fast-small" and rec.settings["mode"] == "fast" and rec.num_images == 6
     assert any("per image and averaged over images" in n for n in rec.notes)
     assert rec.settings["loss"]["gradient_loss"] == "spatial" and rec.settings["token_grid_train"] == [8, 10]
-    # the shipped fast protocol (v3) trains at the token grid: its targets live there too
+    # the shipped fast protocol (v4) trains at the token grid, each step on a random 70% window of its rows
+    # and columns (6x7 of 8x10 here); the targets are pooled onto the whole grid once
     assert rec.settings["train_loss"] == "token" and rec.settings["train_target_grid"] == [8, 10]
-    assert rec.protocol_version == get_protocol("depth", "fast").version == 3
+    assert rec.settings["train_token_window"] == [0.7, 0.7] and rec.settings["train_window_grid"] == [6, 7]
+    assert any("random 6x7 window of each view's 8x10 token grid" in n for n in rec.notes)
+    assert rec.protocol_version == get_protocol("depth", "fast").version == 4
     assert 0 <= rec.metrics["delta1"] <= 100 and rec.metrics["delta1"] > 90  # percent, as the papers print it
     assert os.path.isfile(rec.settings["artifacts"]["curves_png"])
 
 
-@pytest.mark.parametrize("train_loss,grid", [("head-output", [32, 40]), ("pixel", None)])
-def test_fast_depth_keeps_the_version_1_and_2_losses_selectable(nyu, cache_dir, tmp_path, train_loss, grid) -> None:
-    """A copied fast YAML with ``train_loss: head-output`` (v2) or ``pixel`` (v1) still trains that way."""
+@pytest.mark.parametrize("train_loss,grid", [("token", [8, 10]), ("head-output", [32, 40]), ("pixel", None)])
+def test_fast_depth_keeps_the_version_1_to_3_losses_selectable(nyu, cache_dir, tmp_path, train_loss, grid) -> None:
+    """A copied fast YAML with the whole token grid (v3), ``train_loss: head-output`` (v2) or ``pixel`` (v1)
+    still trains that way."""
     proto = scaled_protocol_t(tmp_path / "fast-old.yaml", "fast", "fast-old", max_iters=3, train_loss=train_loss,
-                              **{**FAST_SMALL, "eval_interval": 3, "log_interval": 1})
+                              train_token_window=[1.0, 1.0], **{**FAST_SMALL, "eval_interval": 3, "log_interval": 1})
     rec = EVALUATORS.get("depth")().run(config(nyu, proto, str(tmp_path / "r"), cache_dir))  # caches shared
     assert rec.settings["train_loss"] == train_loss and rec.settings.get("train_target_grid") == grid
+    assert rec.settings["train_token_window"] == [1.0, 1.0] and "train_window_grid" not in rec.settings
+    assert not any("window of each view" in n for n in rec.notes)
     assert set(rec.metrics) == METRICS
 
 

@@ -82,3 +82,30 @@ def test_interruption_before_the_first_item_keeps_an_empty_resumable_cache(tmp_p
     r.append(item(0))
     r.finish()
     assert len(FeatureCache(str(tmp_path / "c"), {"k": 1}, FIELDS)) == 1
+
+
+def test_windowed_stacks_equal_the_full_stacks_cut_item_by_item(tmp_path) -> None:
+    """``windows`` (the depth ``fast`` v4 step) reads item k's [rows_k, cols_k] only: the same values as the whole
+    stack cut afterwards, channels first or not."""
+    rng = np.random.default_rng(2)
+    c = FeatureCache(str(tmp_path / "c"), {"k": 1}, {"patch": "float16", "depth": "float32"})
+    c.open_for_write()
+    patches = [rng.standard_normal((4, 6, 7)).astype(np.float16) for _ in range(5)]
+    depths = [rng.random((6, 7)).astype(np.float32) for _ in range(5)]
+    for p, d in zip(patches, depths):
+        c.append({"patch": p, "depth": d})
+    c.finish()
+    idx = [3, 0, 4]
+    wins = [(slice(0, 4), slice(2, 7)), (slice(2, 6), slice(0, 5)), (slice(1, 5), slice(1, 6))]
+    cf = c.stack_channels_first(idx, "patch", wins)
+    full = c.stack_channels_first(idx, "patch")
+    assert cf.shape == (4, 3, 4, 5)
+    for k, (ys, xs) in enumerate(wins):
+        assert torch.equal(cf[:, k], full[:, k, ys, xs])
+        assert torch.equal(cf[:, k], torch.from_numpy(patches[idx[k]][:, ys, xs].astype(np.float32)))
+    d = c.stack(idx, "depth", torch.float32, wins)
+    assert d.shape == (3, 4, 5)
+    assert all(torch.equal(d[k], torch.from_numpy(depths[idx[k]][ys, xs])) for k, (ys, xs) in enumerate(wins))
+    assert torch.equal(c.stack(idx, "depth"), torch.from_numpy(np.stack([depths[i] for i in idx])))  # no windows
+    with pytest.raises(ValueError, match="2 windows for 3 items"):
+        c.stack(idx, "depth", windows=wins[:2])

@@ -9,9 +9,11 @@ from harness.probes.data import (
     AugmentedSamples,
     EpochOrder,
     IterationBatches,
+    random_windows,
     register_transforms,
     sample_seed,
     seg_train_pipeline,
+    window_size,
 )
 from harness.probes.features import center_pad, padded_grid, slide_windows
 from harness.registry import DATASETS
@@ -34,6 +36,26 @@ def test_batches_from_a_resume_point_are_the_tail_of_the_full_run() -> None:
     tail = list(IterationBatches(10, 4, 5, 9, seed=1))
     assert full[5:] == tail and len(full) == 9
     assert sample_seed(1, 5, 2) == sample_seed(1, 5, 2) != sample_seed(1, 5, 3)
+
+
+def test_random_windows_are_a_function_of_seed_iteration_and_slot_and_cover_the_grid() -> None:
+    """The depth ``fast`` v4 windows: the share of each side (rounded), inside the grid, the same for a global
+    batch drawn whole or as two ranks' halves, another draw per iteration, and every offset reachable."""
+    assert window_size((30, 39), (0.7, 0.7)) == (21, 27) and window_size((8, 10), (0.7, 0.7)) == (6, 7)
+    assert window_size((30, 39), (1.0, 1.0)) == (30, 39) and window_size((3, 3), (0.01, 0.2)) == (1, 1)
+    batches = list(IterationBatches(40, 4, 0, 200, seed=5))
+    starts = set()
+    for items in batches:
+        wins = random_windows((8, 10), (0.7, 0.7), 5, items)
+        halves = random_windows((8, 10), (0.7, 0.7), 5, items[:2]) + random_windows((8, 10), (0.7, 0.7), 5, items[2:])
+        assert wins == halves
+        for ys, xs in wins:
+            assert (ys.stop - ys.start, xs.stop - xs.start) == (6, 7) and 0 <= ys.start and ys.stop <= 8
+            assert 0 <= xs.start and xs.stop <= 10
+            starts.add((ys.start, xs.start))
+    assert starts == {(y, x) for y in range(3) for x in range(4)}  # uniform over the 3 x 4 placements
+    assert random_windows((8, 10), (0.7, 0.7), 5, batches[0]) != random_windows((8, 10), (0.7, 0.7), 5, batches[1])
+    assert random_windows((8, 10), (0.7, 0.7), 6, batches[0]) != random_windows((8, 10), (0.7, 0.7), 5, batches[0])
 
 
 @pytest.fixture(scope="module")

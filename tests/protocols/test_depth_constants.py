@@ -36,7 +36,7 @@ def _variant(tmp_path, pid: str, **overrides) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("pid,version", [("faithful", 2), ("fast", 3)])
+@pytest.mark.parametrize("pid,version", [("faithful", 2), ("fast", 4)])
 def test_shipped_depth_protocols_state_the_toolbox_and_mmcv_constants(pid, version) -> None:
     p = get_protocol("depth", pid)
     s = p.settings("nyu")

@@ -1,4 +1,5 @@
-"""The ``fast`` probe protocols train on the token grid (linear-seg version 2, depth version 3); faithful
+"""The ``fast`` probe protocols train on the token grid (linear-seg version 2, depth version 4: version 3's loss
+on a random window of the grid); faithful
 linear-seg stays version 1, faithful depth is version 2 (its code constants moved into the file, same values);
 versions never share a record, a run key or a checkpoint; ``train_loss`` is checked with an error naming the
 file."""
@@ -17,7 +18,7 @@ from harness.results.record import record_path, run_key
 
 
 @pytest.mark.parametrize("task,dataset,version,faithful_version",
-                         [("linear-seg", "voc21", 2, 1), ("depth", "nyu", 3, 2)])
+                         [("linear-seg", "voc21", 2, 1), ("depth", "nyu", 4, 2)])
 def test_fast_has_the_token_grid_loss_and_faithful_has_none(task, dataset, version, faithful_version) -> None:
     fast = get_protocol(task, "fast")
     assert fast.version == version and fast.settings(dataset)["train_loss"] == "token"
@@ -68,3 +69,31 @@ def test_a_faithful_file_with_a_grid_loss_is_refused(tmp_path) -> None:
     # the protocol schema refuses it when the file is read: train_loss is a key of fast protocols only
     with pytest.raises(ConfigError, match=r"faithful-token\.yaml: defaults\.train_loss: unknown key 'train_loss'"):
         load_protocol_file(str(p))
+
+
+def test_depth_fast_v4_trains_on_a_window_and_v3_is_the_whole_grid() -> None:
+    s = get_protocol("depth", "fast").settings("nyu")
+    assert s["train_token_window"] == [0.7, 0.7] and s["train_loss"] == "token"
+    from harness.probes.data import window_size
+
+    assert window_size((30, 39), s["train_token_window"]) == (21, 27)  # a 416x544 view at patch 14: 48% of tokens
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"train_token_window": [0.0, 0.7]}, r"depth-window\.yaml.*train_token_window must be two shares in \(0, 1\]"),
+    ({"train_token_window": [0.7, 1.5]}, r"train_token_window must be two shares"),
+    ({"train_loss": "head-output"}, r"train_token_window \[0\.7, 0\.7\] needs train_loss: token.*'head-output'"),
+])
+def test_a_bad_depth_token_window_names_the_file_and_the_fix(tmp_path, overrides, match) -> None:
+    p = tmp_path / "depth-window.yaml"
+    with open(get_protocol("depth", "fast").path) as f:
+        data = yaml.safe_load(f)
+    data["id"] = "depth-window"
+    data.pop("default", None)
+    data["defaults"].update(overrides)
+    p.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=match):
+        load_protocol_file(str(p))
+    data["defaults"].update(train_token_window=[1.0, 1.0])  # the whole grid: any train_loss (version 1-3 copies)
+    p.write_text(yaml.safe_dump(data))
+    assert load_protocol_file(str(p)).settings("nyu")["train_token_window"] == [1.0, 1.0]
