@@ -337,11 +337,11 @@ class DepthEvaluator(ProbeEvaluator):
         def batches(start: int):
             sampler = IterationBatches(len(fit_idx), batch, start, int(s["max_iters"]), cfg.seed)
             for items in sampler:
-                idx = [fit_idx[k] for (_, _, k) in run.dist.shard_batch(items)]  # this rank's slice
+                mine = run.dist.shard_batch(items)  # this rank's slice of the global batch
+                idx = [fit_idx[k] for (_, _, k) in mine]
                 if train_loss == "token":  # v3/v4: (C, B, h, w) in one pass per item, depth already on the token grid
                     # v4: only each item's window is read (offsets from seed, iteration and global slot)
-                    wins = None if window == grid else random_windows(grid, fraction, cfg.seed,
-                                                                      run.dist.shard_batch(items))
+                    wins = None if window == grid else random_windows(grid, fraction, cfg.seed, mine)
                     yield ((tr_cache.stack_channels_first(idx, "patch", wins).to(dev),
                             tr_cache.stack(idx, "cls", torch.float32).to(dev)),
                            tg_cache.stack(idx, "depth", torch.float32, wins).to(dev)[:, None])

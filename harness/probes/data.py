@@ -116,7 +116,8 @@ Window = Tuple[slice, slice]
 
 def window_size(grid: Sequence[int], fraction: Sequence[float]) -> Tuple[int, int]:
     """Rows and columns of a window that keeps ``fraction`` of each side of ``grid`` (rounded, at least 1)."""
-    return tuple(min(int(n), max(1, int(round(float(f) * int(n))))) for n, f in zip(grid, fraction))  # type: ignore
+    rows, cols = (min(int(n), max(1, int(round(float(f) * int(n))))) for n, f in zip(grid, fraction))
+    return rows, cols
 
 
 def random_windows(grid: Sequence[int], fraction: Sequence[float], seed: int,

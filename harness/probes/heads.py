@@ -208,13 +208,13 @@ class _TokenGridDepth(torch.autograd.Function):
     linear-normalised expectation over each head's bins, with a hand-written backward.
 
     The formulas of :class:`_BinsExpectation` with the bins along the last axis. The (tokens, heads*bins)
-    logits are the largest tensor of the ``fast`` v3 step (~24M values for 16 NYU views and 5 heads), so they
-    are never held whole: one chunk of images at a time, the product (with the image's CLS bias), the ReLU and the two
-    bin sums run on a reused buffer that stays in cache, and only the sign of z (a bool per logit) is kept for
-    the backward, which forms dL/dz per chunk in another reused buffer and accumulates
-    dL/dW_f += (dL/dz)^T X and dL/dbias. Why: a fresh 96 MB tensor per pass costs page faults and memory
-    traffic comparable to the products themselves on a CPU. Nothing saved is modified in the backward, so a
-    graph kept with ``retain_graph`` can be differentiated again.
+    logits are the largest tensor of the ``fast`` v3 step (~24M values for 16 NYU views and 5 heads; about
+    half in v4's windows of the grid), so they are never held whole: one chunk of images at a time, the product
+    (with the image's CLS bias), the ReLU and the two bin sums run on a reused buffer that stays in cache, and
+    only the sign of z (a bool per logit) is kept for the backward, which forms dL/dz per chunk in another reused
+    buffer and accumulates dL/dW_f += (dL/dz)^T X and dL/dbias. Why: a fresh 96 MB tensor per pass costs page
+    faults and memory traffic comparable to the products themselves on a CPU. Nothing saved is modified in the
+    backward, so a graph kept with ``retain_graph`` can be differentiated again.
 
     Outside the two products every pass is one of the CPU's fast elementwise kernels (measured on the 2-core
     AVX2 machine of ``benchmarks/fast_probe.py``, per 2-image chunk): the sign is a bool copy of the ReLU
@@ -274,7 +274,8 @@ class _TokenGridDepth(torch.autograd.Function):
 
 
 def depth_token_grid_train(heads: Sequence[DepthBinsHead], patch: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
-    """Every head's depth at the token grid, without the x4 upsampling: the ``fast`` v3 training forward.
+    """Every head's depth at the token grid, without the x4 upsampling: the ``fast`` v3 training forward (and
+    v4's, on each view's window of the grid).
 
     Equals ``head(depth_head_input(p, c))`` of a copy of each head with ``upsample=1``, for all heads at once:
     the CLS half of each 1x1 conv is a per-image bias (W [f ; c] + b = W_f f + (W_c c + b)), and the heads'
