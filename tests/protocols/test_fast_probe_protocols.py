@@ -1,8 +1,7 @@
 """The ``fast`` probe protocols train on the token grid (linear-seg version 2, depth version 4: version 3's loss
-on a random window of the grid); faithful
-linear-seg stays version 1, faithful depth is version 2 (its code constants moved into the file, same values);
-versions never share a record, a run key or a checkpoint; ``train_loss`` is checked with an error naming the
-file."""
+on a random window of the grid); faithful linear-seg stays version 1, faithful depth is version 2 (its code
+constants moved into the file, same values); versions never share a record, a run key or a checkpoint;
+``train_loss`` and ``train_token_window`` are checked with an error naming the file."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -13,6 +12,7 @@ import yaml
 from harness.errors import ConfigError
 from harness.evaluators.depth import DepthEvaluator
 from harness.evaluators.linear_seg import LinearSegEvaluator
+from harness.probes.data import window_size
 from harness.protocols import get_protocol, load_protocol_file
 from harness.results.record import record_path, run_key
 
@@ -74,8 +74,6 @@ def test_a_faithful_file_with_a_grid_loss_is_refused(tmp_path) -> None:
 def test_depth_fast_v4_trains_on_a_window_and_v3_is_the_whole_grid() -> None:
     s = get_protocol("depth", "fast").settings("nyu")
     assert s["train_token_window"] == [0.7, 0.7] and s["train_loss"] == "token"
-    from harness.probes.data import window_size
-
     assert window_size((30, 39), s["train_token_window"]) == (21, 27)  # a 416x544 view at patch 14: 48% of tokens
 
 
