@@ -135,18 +135,27 @@ class DistillLoop:
             return 0
         for name, obj in self.modules.items():
             obj.load_state_dict(state["modules"][name])
-        _set_rng_state(state["rng"])
+        ranks = state.get("rng_ranks")  # torchrun: each rank's own generators (its dropout, its draws)
+        same_job = isinstance(ranks, list) and len(ranks) == self.dist.world_size
+        _set_rng_state(ranks[self.dist.rank] if same_job else state["rng"])
         self.curves = Curves(state.get("curves", ()))
         self.resumed_from = int(state["step"])
         return self.resumed_from
 
     def save(self, step: int) -> None:
-        """Every rank builds the state (a module may gather its ranks' parts, e.g. DVT stage 1); rank 0 writes."""
+        """Every rank builds the state (a module may gather its ranks' parts, e.g. DVT stage 1); rank 0 writes.
+
+        Under torchrun every rank's RNG states are gathered too (``rng_ranks``): each rank draws its own LoRA
+        dropout, so restoring rank 0's generators on every rank would make a resumed job differ from one that was
+        never interrupted. ``rng`` (rank 0's) is what a job with another number of ranks resumes from.
+        """
         modules = {k: v.state_dict() for k, v in self.modules.items()}
+        rngs = self.dist.gather(_rng_state())
         if not self.dist.is_main:
             return
-        atomic_save({"fingerprint": self.fingerprint, "step": step, "rng": _rng_state(), "modules": modules,
-                     "curves": self.curves.state()}, self.ckpt_path, "distillation checkpoint")
+        atomic_save({"fingerprint": self.fingerprint, "step": step, "rng": rngs[0], "modules": modules,
+                     "curves": self.curves.state(), **({"rng_ranks": rngs} if len(rngs) > 1 else {})},
+                    self.ckpt_path, "distillation checkpoint")
 
     def _on_signal(self, signum: int, frame: Any) -> None:  # noqa: ARG002 - signal API
         interrupts.note(signum)

@@ -155,6 +155,35 @@ def test_distill_checkpoint_resumes_with_weights_only(capsys, tmp_path) -> None:
     assert (np.random.rand(), torch.rand(1).item()) == expect
 
 
+def test_distill_checkpoint_gives_each_torchrun_rank_its_own_generators(tmp_path) -> None:
+    """Under torchrun every rank's RNG states are saved (each draws its own LoRA dropout) and each rank resumes
+    from its own; a job with another number of ranks resumes from rank 0's, as before."""
+    from harness.distill.common import DistillLoop, _rng_state, load_checkpoint
+    from harness.runtime import Dist
+
+    torch.manual_seed(1)
+    rank1 = _rng_state()
+    expect1 = torch.rand(3)  # what rank 1 draws next
+    torch.manual_seed(0)
+    out = str(tmp_path / "student.pt")
+
+    def loop(rank: int, world: int) -> DistillLoop:
+        d = Dist(rank=rank, world_size=world)
+        d.gather = lambda obj: [obj, rank1][:world]  # rank 0's states, then rank 1's (a fake all_gather)
+        return DistillLoop(out=out, total_steps=4, fingerprint="f", modules={}, show_progress=False, dist=d)
+
+    loop(0, 2).save(2)
+    expect0 = torch.rand(3)  # what rank 0 draws next
+    state = load_checkpoint(out + ".ckpt.pt")
+    assert len(state["rng_ranks"]) == 2 and torch.equal(state["rng"]["torch"], state["rng_ranks"][0]["torch"])
+    for rank, world, expect in [(1, 2, expect1), (0, 2, expect0), (0, 1, expect0)]:
+        torch.manual_seed(99)
+        assert loop(rank, world).resume() == 2
+        assert torch.equal(torch.rand(3), expect), (rank, world)
+    loop(0, 1).save(3)  # one process: no per-rank list
+    assert "rng_ranks" not in load_checkpoint(out + ".ckpt.pt")
+
+
 # -- caches -----------------------------------------------------------------------------------------------
 def test_corrupt_feature_cache_is_detected_rebuilt_and_never_used(tmp_path, capsys) -> None:
     items = [np.full((2, 3), k + 0.5, np.float16) for k in range(3)]
