@@ -306,7 +306,7 @@ def depth_bench(args: argparse.Namespace, work: str, rows: List[Dict[str, Any]],
         dict(heads=heads[v], per_round=per_round[v], batches=batches_of(v), fit=fits[v]) for v in per_round])
     row = dict(task="depth", backbone=args.backbone, grid=f"{grid[0]}x{grid[1]}",
                label=f"{crop[0]}x{crop[1]} -> {out[0]}x{out[1]} (v2) / {grid[0]}x{grid[1]} (v3) / "
-                     f"{window[0]}x{window[1]} window (v4)", window=window,
+                     f"{window[0]}x{window[1]} window (v4)",
                extract=extract_s, targets=targets_s, tokens=tokens_s, max_iters=int(proto["max_iters"]))
     for v, sec in zip(per_round, secs):
         row[v], row[f"{v}_iters"] = sec, args.depth_rounds * per_round[v]
